@@ -6,7 +6,7 @@ class BipeError(Exception):
 
 
 class ConfigError(BipeError, ValueError):
-    """A config key has a wrong value or is missing. The message names the key (`model.hidden_size`)."""
+    """A config key has a wrong or missing value; the message names it (`model.hidden_size`)."""
 
 
 class DataError(BipeError):

@@ -1,0 +1,159 @@
+"""Rotary position embedding (RoPE) over arbitrary integer positions, with context scaling.
+
+The layout is Hugging Face Llama's half-split one: dimension `d` pairs with `d + D/2`, so
+Llama-format checkpoints load without permuting q/k weights. cos/sin are computed from the
+positions of each forward pass, so there is no precomputed table to overflow at 8x or 64x the
+training length. Scaling types follow PAPERS.md section 5 (YaRN paper, HF `modeling_rope_utils`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bipe.errors import ConfigError
+
+
+def _base_inv_freq(head_dim: int, base: float) -> Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def _linear(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
+    """Position interpolation: every position divided by the factor."""
+    return _base_inv_freq(head_dim, base) / s["factor"], 1.0
+
+
+def _ntk(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
+    """NTK-aware: the base becomes `b * s^(D / (D - 2))`."""
+    return _base_inv_freq(head_dim, base * s["factor"] ** (head_dim / (head_dim - 2))), 1.0
+
+
+def _dynamic(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
+    """Dynamic NTK: the NTK factor is `max(1, current_length / original_max_position)`."""
+    factor = 1.0 if seq_len is None else max(1.0, seq_len / s["original_max_position"])
+    return _base_inv_freq(head_dim, base * factor ** (head_dim / (head_dim - 2))), 1.0
+
+
+def _yarn_correction_dim(rotations: float, head_dim: int, base: float, length: int) -> float:
+    """Index of the frequency pair that turns `rotations` times within `length` tokens."""
+    return head_dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def yarn_ramp_range(head_dim: int, base: float, original: int, beta_fast: float = 32.0,
+                    beta_slow: float = 1.0) -> tuple[int, int]:
+    """Frequency pairs `[low, high]` over which YaRN ramps from keeping to interpolating."""
+    low = math.floor(_yarn_correction_dim(beta_fast, head_dim, base, original))
+    high = math.ceil(_yarn_correction_dim(beta_slow, head_dim, base, original))
+    return max(low, 0), min(high, head_dim // 2 - 1)
+
+
+def _yarn(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
+    """NTK-by-parts: fast pairs keep their frequency, slow ones are divided by the factor."""
+    factor = s["factor"]
+    inv_freq = _base_inv_freq(head_dim, base)
+    low, high = yarn_ramp_range(head_dim, base, s["original_max_position"],
+                                s.get("beta_fast", 32.0), s.get("beta_slow", 1.0))
+    # ramp = 0 for pairs that rotate fast (kept), 1 for slow ones (interpolated).
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3))
+    ramp = ramp.clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    scale = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, float(scale)
+
+
+# type -> (function, required keys, optional keys). One entry per scaling scheme.
+ROPE_SCALING: dict[str, tuple[Callable, set[str], set[str]]] = {
+    "linear": (_linear, {"factor"}, {"original_max_position"}),
+    "ntk": (_ntk, {"factor"}, {"original_max_position"}),
+    "dynamic": (_dynamic, {"original_max_position"}, {"factor"}),
+    "yarn": (_yarn, {"factor", "original_max_position"},
+             {"beta_fast", "beta_slow", "attention_factor"}),
+}
+
+
+def validate_scaling(scaling: Mapping[str, Any] | None, key: str = "pe.relative.scaling") -> None:
+    """Raise ConfigError naming the key for an unknown type, a missing or an unknown field."""
+    if scaling is None:
+        return
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"{key}.type={kind!r} is not a RoPE scaling type; "
+                          f"choose one of {sorted(ROPE_SCALING)} or set {key}=null")
+    _, required, optional = ROPE_SCALING[kind]
+    missing = sorted(k for k in required if scaling.get(k) is None)
+    if missing:
+        needed = ", ".join(f"{key}.{m}" for m in missing)
+        raise ConfigError(f"{key} of type {kind!r} needs {needed}")
+    unknown = sorted(set(scaling) - required - optional - {"type"})
+    if unknown:
+        raise ConfigError(f"{key} of type {kind!r} has unknown key(s) {unknown}; "
+                          f"allowed: {sorted(required | optional)}")
+    factor = scaling.get("factor")
+    if factor is not None and factor < 1:
+        raise ConfigError(f"{key}.factor={factor} must be >= 1")
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0,
+                     scaling: Mapping[str, Any] | None = None,
+                     seq_len: int | None = None) -> tuple[Tensor, float]:
+    """Rotary frequencies: `(inv_freq float32 [head_dim // 2], attention_scale)`.
+
+    `attention_scale` multiplies cos and sin (so logits grow by its square); 1.0 unless YaRN.
+    `seq_len` is the current length, used by `dynamic` scaling only.
+    """
+    if head_dim % 2:
+        raise ConfigError(f"rotary head size {head_dim} is odd; choose model.hidden_size / "
+                          "model.n_heads even")
+    if scaling is None:
+        return _base_inv_freq(head_dim, base).float(), 1.0
+    validate_scaling(scaling)
+    fn = ROPE_SCALING[scaling["type"]][0]
+    inv_freq, scale = fn(head_dim, base, scaling, seq_len)
+    return inv_freq.float(), scale
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` `[B, H, T, D]` by `cos`, `sin` `[B or 1, 1, T, D]` (half-split layout)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Rotary(nn.Module):
+    """The relative part `rope`: rotates q and k by per-token positions (token or segment index)."""
+
+    uses_bias = False
+
+    def __init__(self, head_dim: int, n_heads: int, base: float = 10000.0,
+                 scaling: Mapping[str, Any] | None = None, **_: Any):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.scaling = dict(scaling) if scaling is not None else None
+        inv_freq, scale = rope_frequencies(head_dim, base, self.scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scale = scale
+
+    def set_scaling(self, scaling: Mapping[str, Any] | None) -> None:
+        """Change the scaling in place (evaluation-time or fine-tuning-time context extension)."""
+        self.scaling = dict(scaling) if scaling is not None else None
+        inv_freq, self.attention_scale = rope_frequencies(self.head_dim, self.base, self.scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Long `[B or 1, T]` positions -> cos, sin float32 `[B or 1, 1, T, D]`."""
+        inv_freq, scale = self.inv_freq, self.attention_scale
+        if self.scaling is not None and self.scaling["type"] == "dynamic":
+            # The current length is measured in the units of the index (tokens or segments).
+            seq_len = int(pos.max()) + 1
+            inv_freq, scale = rope_frequencies(self.head_dim, self.base, self.scaling, seq_len)
+            inv_freq = inv_freq.to(pos.device)
+        freqs = pos.float().unsqueeze(-1) * inv_freq  # (B, T, D/2), fp32 as in HF Llama
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos() * scale, emb.sin() * scale

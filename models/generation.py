@@ -1,0 +1,113 @@
+"""KV-cached decoding for every encoding, BiPE included.
+
+The released BiPE code has no cached generation. Here the cache carries, besides keys and values,
+the bilevel position state: a new token's (intra, inter) follows from the boundary flag of the
+token before it, and a generated token's own flag comes from a set of separator ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from bipe.encoding import Positions
+from bipe.positions import boundaries_from_separators
+
+
+class KVCache:
+    """Per-layer keys (already rotated) and values, grown by doubling, plus position state."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.length = 0  # tokens cached, including those of the forward pass in progress
+        self.key_positions: Tensor | None = None  # relative index of every key, [B or 1, Tk]
+        self.next_intra: Tensor | None = None  # ids the next token gets without a boundary, [B]
+        self.next_inter: Tensor | None = None
+
+    def bilevel_start(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.next_intra is None:
+            zero = torch.zeros(batch, dtype=torch.long, device=device)
+            return zero, zero
+        return self.next_intra, self.next_inter
+
+    def extend(self, pos: Positions, q_pos: Tensor | None, boundary: Tensor | None,
+               keep_key_positions: bool) -> Tensor | None:
+        """Record `T` new tokens; returns the relative positions of all keys `[B or 1, Tk]`."""
+        T = pos.token.shape[-1]
+        self.length += T
+        if pos.intra is not None:
+            last_b = (boundary[:, -1] if boundary is not None
+                      else torch.zeros_like(pos.intra[:, -1], dtype=torch.bool))
+            self.next_intra = torch.where(last_b, 0, pos.intra[:, -1] + 1)
+            self.next_inter = pos.inter[:, -1] + last_b.long()
+        if not keep_key_positions or q_pos is None:
+            return q_pos
+        if self.key_positions is None:
+            self.key_positions = q_pos
+        else:
+            self.key_positions = torch.cat([self.key_positions, q_pos], dim=-1)
+        return self.key_positions
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append `k`, `v` `[B, H, T, D]` for `layer`; returns all cached keys and values."""
+        T = k.shape[2]
+        start, end = self.length - T, self.length
+        buf_k = self.k[layer]
+        if buf_k is None or buf_k.shape[2] < end:
+            cap = max(end, 2 * (0 if buf_k is None else buf_k.shape[2]), 16)
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = self.v[layer][:, :, :start]
+            self.k[layer], self.v[layer] = new_k, new_v
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def _next_token(logits: Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> Tensor:
+    """Logits `[B, V]` -> token ids `[B]`: greedy at temperature 0, else sampled."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, input_ids: Tensor, boundary: Tensor | None = None, *,
+             max_new_tokens: int, separator_ids: Iterable[int] = (), temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Continue `input_ids` `[B, T]` by up to `max_new_tokens` -> `[B, T + n]`.
+
+    `boundary`: the prompt's flags (bool `[B, T]`); when None they come from `separator_ids`,
+    as do the flags of generated tokens. Greedy at `temperature=0`. Rows that emitted `eos_id`
+    keep emitting it; decoding stops when every row has.
+    """
+    separator_ids = list(separator_ids)
+    if boundary is None and separator_ids:
+        boundary = boundaries_from_separators(input_ids, separator_ids)
+    cache = KVCache(len(model.blocks))
+    logits = model(input_ids, boundary, cache=cache)[:, -1]
+    out = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = _next_token(logits, temperature, top_k, generator)
+        if eos_id is not None:
+            token = torch.where(done, eos_id, token)
+            done |= token == eos_id
+        out.append(token[:, None])
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            break
+        flag = boundaries_from_separators(token[:, None], separator_ids)
+        logits = model(token[:, None], flag, cache=cache)[:, -1]
+    return torch.cat(out, dim=1)

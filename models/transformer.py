@@ -1,0 +1,168 @@
+"""A Llama-style decoder with a pluggable positional encoding.
+
+RMSNorm, SwiGLU, no biases, untied embeddings, init std 0.02 (PAPERS.md section 1). Positions
+reach attention through `bipe.PositionalEncoding`: the absolute part is added to the token
+embeddings, the relative part rotates q/k or adds a bias, and one `AttentionContext` per forward
+pass is shared by all layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bipe.encoding import AttentionContext, PEConfig, PositionalEncoding, Positions
+from bipe.errors import ConfigError
+from bipe.rope import apply_rotary
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layers: int = 4
+    hidden_size: int = 128
+    n_heads: int = 4
+    intermediate_size: int | None = None  # SwiGLU width; None = 4 * hidden (paper: 3072 for 768)
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+    pe: PEConfig = field(default_factory=lambda: PEConfig.named("rope"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pe, dict):
+            self.pe = PEConfig.from_dict(self.pe)
+        for key in ("vocab_size", "n_layers", "hidden_size", "n_heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}={value!r} must be a positive integer")
+        if self.hidden_size % self.n_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.n_heads={self.n_heads}; choose sizes whose ratio is the "
+                              "head size")
+        if self.pe.relative.type == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary head size model.hidden_size/model.n_heads="
+                              f"{self.head_dim} is odd; RoPE rotates pairs of dimensions, "
+                              "choose an even head size")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(f'model.{u}' for u in unknown)}; "
+                              f"valid keys: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: Any = None,
+                layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if ctx.cos is not None:
+            cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # keys are cached already rotated
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.attn_mask(q.dtype), is_causal=ctx.is_causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: Any = None,
+                layer: int = 0) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `forward(input_ids, boundary)` -> logits `[B, T, vocab]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pe = PositionalEncoding(config.pe, config.hidden_size, config.n_heads,
+                                     config.init_std)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def forward(self, input_ids: Tensor, boundary: Tensor | None = None, *,
+                cache: Any = None, positions: Positions | None = None) -> Tensor:
+        """`input_ids` long `[B, T]`, `boundary` bool `[B, T]` (True = last token of a segment;
+        None = no segments) -> logits `[B, T, vocab]`. With a `models.generation.KVCache` the
+        tokens continue the cached sequence, and the cache is updated in place. `positions`
+        overrides the ids derived from `boundary` (e.g. to shift them), without a cache."""
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        if positions is not None:
+            if cache is not None:
+                raise ValueError("pass either positions or cache, not both")
+            pos = positions
+        else:
+            start = None if cache is None else cache.bilevel_start(B, input_ids.device)
+            pos = self.pe.positions(boundary, B, T, past, start, device=input_ids.device)
+        q_pos = self.pe.relative_positions(pos)
+        k_pos = q_pos
+        if cache is not None:
+            k_pos = cache.extend(pos, q_pos, boundary, self.pe.uses_bias)
+        ctx = self.pe.context(q_pos, k_pos, past, T)
+        x = self.drop(self.pe.embed(self.embed(input_ids), pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, cache, i)
+        return self.lm_head(self.norm(x))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from bipe.absolute import LearnedAbsolute, SinusoidalAbsolute
 from bipe.alibi import ALiBi
+from bipe.attention import AttentionContext, AttentionOptions
 from bipe.errors import ConfigError
 from bipe.positions import bilevel_ids
 from bipe.rope import Rotary, validate_scaling
@@ -144,32 +145,6 @@ class Positions(NamedTuple):
         return pos
 
 
-@dataclass
-class AttentionContext:
-    """What every attention layer of one forward pass needs; built once, shared by all layers.
-
-    cos, sin: `[B or 1, 1, Tq, D]` for rotating the new queries and keys (rope), else None;
-    bias: float32 `[B or 1, H, Tq, Tk]` with the causal mask folded in as -inf (alibi), else None;
-    mask: bool `[Tq, Tk]` (True = attend) when there is no bias and cached keys precede Tq > 1
-    queries; is_causal: SDPA's own causal mask suffices (no bias, no cache).
-    """
-
-    cos: Tensor | None = None
-    sin: Tensor | None = None
-    bias: Tensor | None = None
-    mask: Tensor | None = None
-    is_causal: bool = False
-    _cast: dict = field(default_factory=dict, repr=False)
-
-    def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
-        """The SDPA `attn_mask` in the query dtype (SDPA wants a float mask of q's dtype)."""
-        if self.bias is None:
-            return self.mask
-        if dtype not in self._cast:
-            self._cast[dtype] = self.bias.to(dtype)
-        return self._cast[dtype]
-
-
 class PositionalEncoding(nn.Module):
     """An absolute part (embedding side) plus a relative part (attention side)."""
 
@@ -211,27 +186,22 @@ class PositionalEncoding(nn.Module):
     def uses_bias(self) -> bool:
         return self.relative is not None and self.relative.uses_bias
 
-    def context(self, q_pos: Tensor | None, k_pos: Tensor | None, past: int,
-                length: int) -> AttentionContext:
+    def context(self, q_pos: Tensor | None, k_pos: Tensor | None, past: int, length: int,
+                options: AttentionOptions | None = None) -> AttentionContext:
         """Attention inputs for `length` queries after `past` cached keys.
 
         `q_pos`: relative positions of the new tokens `[B or 1, Tq]`; `k_pos`: of all keys
-        `[B or 1, Tk]` (only read by bias-type parts).
+        `[B or 1, Tk]` (read by bias-type parts and by LM-Infinite).
         """
-        ctx = AttentionContext()
+        ctx = AttentionContext(past=past, length=length, q_pos=q_pos, k_pos=k_pos,
+                               options=options or AttentionOptions())
         rel = self.relative
-        if rel is not None and not rel.uses_bias:
-            ctx.cos, ctx.sin = rel.cos_sin(q_pos)
-        if rel is not None and rel.uses_bias:
-            ctx.bias = rel.bias(q_pos, k_pos)
-            if length > 1:
-                causal = torch.ones(length, past + length, dtype=torch.bool,
-                                    device=ctx.bias.device).tril(diagonal=past)
-                ctx.bias = ctx.bias.masked_fill(~causal, float("-inf"))
-        elif past == 0:
-            ctx.is_causal = length > 1
-        elif length > 1:
-            ctx.mask = torch.ones(length, past + length, dtype=torch.bool,
-                                  device=q_pos.device if q_pos is not None else None
-                                  ).tril(diagonal=past)
+        if rel is None:
+            return ctx
+        if rel.uses_bias:
+            ctx.bias_fn, ctx.slopes = rel.bias, rel.slopes
+        else:
+            ctx.inv_freq, ctx.rope_scale = rel.frequencies(k_pos)
+            if ctx.lm_infinite is None:  # Lambda attention rotates per pair instead
+                ctx.cos, ctx.sin = rel.cos_sin(q_pos)
         return ctx

@@ -146,14 +146,18 @@ class Rotary(nn.Module):
         inv_freq, self.attention_scale = rope_frequencies(self.head_dim, self.base, self.scaling)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
-    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Long `[B or 1, T]` positions -> cos, sin float32 `[B or 1, 1, T, D]`."""
-        inv_freq, scale = self.inv_freq, self.attention_scale
+    def frequencies(self, pos: Tensor) -> tuple[Tensor, float]:
+        """`(inv_freq, attention_scale)` for positions `pos` (dynamic scaling reads their range)."""
         if self.scaling is not None and self.scaling["type"] == "dynamic":
             # The current length is measured in the units of the index (tokens or segments).
-            seq_len = int(pos.max()) + 1
-            inv_freq, scale = rope_frequencies(self.head_dim, self.base, self.scaling, seq_len)
-            inv_freq = inv_freq.to(pos.device)
+            inv_freq, scale = rope_frequencies(self.head_dim, self.base, self.scaling,
+                                               int(pos.max()) + 1)
+            return inv_freq.to(pos.device), scale
+        return self.inv_freq, self.attention_scale
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Long `[B or 1, T]` positions -> cos, sin float32 `[B or 1, 1, T, D]`."""
+        inv_freq, scale = self.frequencies(pos)
         freqs = pos.float().unsqueeze(-1) * inv_freq  # (B, T, D/2), fp32 as in HF Llama
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos() * scale, emb.sin() * scale

@@ -17,15 +17,29 @@ from bipe.positions import boundaries_from_separators
 
 
 class KVCache:
-    """Per-layer keys (already rotated) and values, grown by doubling, plus position state."""
+    """Per-layer keys and values plus the position state of the sequence so far.
 
-    def __init__(self, n_layers: int):
+    Without a window, keys are cached already rotated, in buffers grown by doubling. With
+    `window=(n_global, n_local)` (LM-Infinite) keys are cached unrotated and only the first
+    `n_global` and the last `n_local` tokens are kept, so memory stays constant however long the
+    text; `key_tokens` and `key_positions` say which tokens those are.
+    """
+
+    def __init__(self, n_layers: int, window: tuple[int, int] | None = None):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
-        self.length = 0  # tokens cached, including those of the forward pass in progress
-        self.key_positions: Tensor | None = None  # relative index of every key, [B or 1, Tk]
+        self.window = window
+        self.length = 0  # tokens seen, including those of the forward pass in progress
+        self.key_tokens: Tensor | None = None  # token index of every kept key, [Tk] (window)
+        self.key_positions: Tensor | None = None  # relative index of every kept key, [B or 1, Tk]
         self.next_intra: Tensor | None = None  # ids the next token gets without a boundary, [B]
         self.next_inter: Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> KVCache:
+        """A cache matching the model's attention settings (windowed under LM-Infinite)."""
+        lm = model.attention.lm_infinite
+        return cls(len(model.blocks), None if lm is None else (lm.n_global, lm.n_local))
 
     def bilevel_start(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.next_intra is None:
@@ -33,18 +47,36 @@ class KVCache:
             return zero, zero
         return self.next_intra, self.next_inter
 
-    def extend(self, pos: Positions, q_pos: Tensor | None, boundary: Tensor | None,
-               keep_key_positions: bool) -> Tensor | None:
-        """Record `T` new tokens; returns the relative positions of all keys `[B or 1, Tk]`."""
+    def _evict(self) -> None:
+        """Drop keys no future query can attend: outside the first n_global and last n_local."""
+        n_global, n_local = self.window
+        keep = (self.key_tokens < n_global) | (self.key_tokens > self.length - n_local)
+        if bool(keep.all()):
+            return
+        idx = keep.nonzero().squeeze(-1)
+        self.k = [None if k is None else k[:, :, idx] for k in self.k]
+        self.v = [None if v is None else v[:, :, idx] for v in self.v]
+        self.key_tokens = self.key_tokens[idx]
+        if self.key_positions is not None:
+            self.key_positions = self.key_positions[..., idx]
+
+    def extend(self, pos: Positions, q_pos: Tensor | None,
+               boundary: Tensor | None) -> Tensor | None:
+        """Record `T` new tokens; returns the relative positions of all kept keys."""
         T = pos.token.shape[-1]
+        if self.window is not None and self.key_tokens is not None:
+            self._evict()
         self.length += T
         if pos.intra is not None:
             last_b = (boundary[:, -1] if boundary is not None
                       else torch.zeros_like(pos.intra[:, -1], dtype=torch.bool))
             self.next_intra = torch.where(last_b, 0, pos.intra[:, -1] + 1)
             self.next_inter = pos.inter[:, -1] + last_b.long()
-        if not keep_key_positions or q_pos is None:
-            return q_pos
+        if self.window is not None:
+            new = pos.token.view(-1)
+            self.key_tokens = new if self.key_tokens is None else torch.cat([self.key_tokens, new])
+        if q_pos is None:
+            return None
         if self.key_positions is None:
             self.key_positions = q_pos
         else:
@@ -52,7 +84,12 @@ class KVCache:
         return self.key_positions
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append `k`, `v` `[B, H, T, D]` for `layer`; returns all cached keys and values."""
+        """Append `k`, `v` `[B, H, T, D]` for `layer`; returns all kept keys and values."""
+        if self.window is not None:  # small and bounded: plain concatenation
+            if self.k[layer] is not None:
+                k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
         T = k.shape[2]
         start, end = self.length - T, self.length
         buf_k = self.k[layer]
@@ -96,7 +133,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, boundary: Tensor | None 
     separator_ids = list(separator_ids)
     if boundary is None and separator_ids:
         boundary = boundaries_from_separators(input_ids, separator_ids)
-    cache = KVCache(len(model.blocks))
+    cache = KVCache.for_model(model)
     logits = model(input_ids, boundary, cache=cache)[:, -1]
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -15,7 +15,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bipe.encoding import AttentionContext, PEConfig, PositionalEncoding, Positions
+from bipe.attention import AttentionContext, AttentionOptions
+from bipe.encoding import PEConfig, PositionalEncoding, Positions
 from bipe.errors import ConfigError
 from bipe.rope import apply_rotary
 
@@ -82,14 +83,15 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if ctx.cos is not None:
-            cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:  # keys are cached already rotated
-            k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.attn_mask(q.dtype), is_causal=ctx.is_causal,
-            dropout_p=self.dropout if self.training else 0.0)
+        if ctx.lm_infinite is not None:  # rotates per attended pair, from unrotated q and k
+            y = ctx.attend_lambda(q, k, v, cache, layer)
+        else:
+            if ctx.cos is not None:
+                cos, sin = ctx.rotary(q.dtype)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:  # keys are cached already rotated
+                k, v = cache.update(layer, k, v)
+            y = ctx.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -133,6 +135,8 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_weights)
+        # Inference-time attention settings (query chunking, LM-Infinite); not part of the weights.
+        self.attention = AttentionOptions()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -158,10 +162,12 @@ class Transformer(nn.Module):
             start = None if cache is None else cache.bilevel_start(B, input_ids.device)
             pos = self.pe.positions(boundary, B, T, past, start, device=input_ids.device)
         q_pos = self.pe.relative_positions(pos)
+        if q_pos is None and self.attention.lm_infinite is not None:
+            q_pos = pos.token  # no relative part: Lambda masks by token index only
         k_pos = q_pos
         if cache is not None:
-            k_pos = cache.extend(pos, q_pos, boundary, self.pe.uses_bias)
-        ctx = self.pe.context(q_pos, k_pos, past, T)
+            k_pos = cache.extend(pos, q_pos, boundary)
+        ctx = self.pe.context(q_pos, k_pos, past, T, self.attention)
         x = self.drop(self.pe.embed(self.embed(input_ids), pos))
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, cache, i)

@@ -1,0 +1,91 @@
+"""LM-Infinite (Han et al., NAACL 2024; PAPERS.md section 4): Lambda-shaped attention with a cap
+on the relative distance, an inference-time fix for relative encodings.
+
+Query `i` attends to keys `j <= i` that are either local (`i - j < n_local`, token distance) or
+global (`j < n_global`); one softmax covers both branches. Every attended pair is scored as if its
+relative distance were `min(p_i - p_j, distance_cap)`, where `p` is the index the relative part
+reads (token index, or segment index for BiPE). For RoPE a capped pair is scored with the query
+rotated by the cap and the key unrotated, which is exactly a rotation by the capped distance.
+
+The sequence is processed in query blocks; each block sees the `n_global` first keys and the
+keys of its own local band, so time and memory are `O(T * (n_global + n_local))`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bipe.rope import apply_rotary
+
+
+def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
+    """Rotate `x` `[B, H, T, D]` by positions `[B or 1, T]` (or a scalar tensor)."""
+    angles = pos.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
+    emb = torch.cat((angles, angles), dim=-1)
+    if emb.dim() == 3:
+        emb = emb.unsqueeze(1)  # (B, 1, T, D)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+    return apply_rotary(x, cos, sin)
+
+
+def lambda_block(q: Tensor, k: Tensor, v: Tensor, *, q_tok: Tensor, k_tok: Tensor,
+                 q_pos: Tensor, k_pos: Tensor, n_global: int, n_local: int,
+                 inv_freq: Tensor | None = None, alibi_slopes: Tensor | None = None,
+                 distance_cap: int | None = None, rope_scale: float = 1.0) -> Tensor:
+    """Lambda attention of the queries `q` `[B, H, Tq, D]` over an arbitrary key set `k`, `v`
+    `[B, H, Tk, D]` (unrotated). `q_tok` `[Tq]`, `k_tok` `[Tk]` are token indices (for the mask);
+    `q_pos` `[B or 1, Tq]`, `k_pos` `[B or 1, Tk]` the relative positions. Returns `[B, H, Tq, D]`.
+    Keys outside every query's Lambda are harmless (masked), so callers may pass a superset."""
+    rel = q_tok.view(-1, 1) - k_tok.view(1, -1)  # token distance, (Tq, Tk)
+    allowed = (rel >= 0) & ((rel < n_local) | (k_tok.view(1, -1) < n_global))
+    dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).unsqueeze(1)  # (B, 1, Tq, Tk)
+    capped = None if distance_cap is None else dist > distance_cap
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if inv_freq is not None:
+        scores = _rotate(q, q_pos, inv_freq, rope_scale) @ _rotate(
+            k, k_pos, inv_freq, rope_scale).transpose(-1, -2)
+        if capped is not None and bool(capped.any()):
+            cap = torch.tensor(float(distance_cap), device=q.device)
+            # Key unrotated, query rotated by the cap: the pair's angle is the cap's.
+            far = _rotate(q, cap, inv_freq, rope_scale) @ (k * rope_scale).transpose(-1, -2)
+            scores = torch.where(capped, far, scores)
+    else:
+        scores = q @ k.transpose(-1, -2)
+    scores = scores.float() * scale
+    if alibi_slopes is not None:
+        d = dist.float() if distance_cap is None else dist.clamp(max=distance_cap).float()
+        scores = scores - alibi_slopes.view(1, -1, 1, 1) * d
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return probs @ v
+
+
+def lambda_attention(q: Tensor, k: Tensor, v: Tensor, *, n_global: int, n_local: int,
+                     positions: Tensor | None = None, inv_freq: Tensor | None = None,
+                     alibi_slopes: Tensor | None = None, distance_cap: int | None = None,
+                     rope_scale: float = 1.0, block_size: int | None = None) -> Tensor:
+    """LM-Infinite attention. `q, k, v` `[B, H, T, D]` before any rotation; `positions` long
+    `[B, T]` for the relative part (token index when omitted); `inv_freq` `[D/2]` for RoPE;
+    `alibi_slopes` `[H]` (multiplier applied) for ALiBi; `rope_scale` multiplies cos and sin
+    (YaRN). Returns `[B, H, T, D]`; time and memory `O(T * (n_global + n_local))`."""
+    if n_local < 1 or n_global < 0:
+        raise ValueError(f"need n_local >= 1 and n_global >= 0, got {n_local}, {n_global}")
+    T = q.shape[2]
+    tok = torch.arange(T, device=q.device)
+    pos = tok.unsqueeze(0) if positions is None else positions
+    c = block_size or min(n_local, 512)
+    out = []
+    for s in range(0, T, c):
+        e = min(s + c, T)
+        lo = max(0, s - n_local + 1)  # first key of the block's local band
+        g = min(n_global, lo)  # global keys not already in the band
+        idx = torch.cat([tok[:g], tok[lo:e]])
+        out.append(lambda_block(
+            q[:, :, s:e], k[:, :, idx], v[:, :, idx], q_tok=tok[s:e], k_tok=idx,
+            q_pos=pos[:, s:e], k_pos=pos[:, idx], n_global=n_global, n_local=n_local,
+            inv_freq=inv_freq, alibi_slopes=alibi_slopes, distance_cap=distance_cap,
+            rope_scale=rope_scale))
+    return torch.cat(out, dim=2)

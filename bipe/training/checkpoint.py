@@ -1,0 +1,174 @@
+"""Self-describing checkpoints: written atomically, read with `weights_only=True`.
+
+A Lightning checkpoint of this project carries, under the `"bipe"` key, everything needed to
+rebuild the model without the run's config files: the model config (PE config included), the
+tokenizer as a JSON string, the data statistics (e.g. `max_segments_per_block`, the original
+length of BiPE-RoPE's rotary part for YaRN) and the resolved run config. Every entry is plain
+Python (dict/list/str/int/float/bool/None), so `torch.load(path, weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from torch import nn
+
+from bipe.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "bipe"
+FORMAT_VERSION = 1
+STATE_PREFIX = "model."  # the LightningModule holds the Transformer as `self.model`
+
+
+def to_plain(obj: Any, key: str = "value") -> Any:
+    """A copy of `obj` made of dict/list/str/int/float/bool/None (numpy scalars, tuples and paths
+    converted), so it loads with `weights_only=True`; anything else raises `TypeError`."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v, f"{key}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, f"{key}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{key}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Never leaves a half-written checkpoint under the final name.
+
+    Writes to a hidden temp file in the same folder, fsyncs it, then `os.replace`s it over the
+    target (atomic on POSIX and Windows), and fsyncs the folder so the rename survives a crash.
+    A run killed mid-write leaves only a `.*.tmp` file, which nothing reads. Loading always uses
+    `weights_only=True`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        save_atomic(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)` via a same-folder temp file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: persist the rename itself
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") -> Path:
+    """`path` itself, or for a run folder its `checkpoints/last.ckpt`; `CheckpointError` if none."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{key}={path} is a folder without checkpoints/last.ckpt")
+    if not p.exists():
+        raise CheckpointError(f"{key}={path} does not exist")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, *, key: str = "checkpoint",
+                    map_location: Any = "cpu") -> dict[str, Any]:
+    """Read one of our checkpoints with `weights_only=True`.
+
+    Raises `CheckpointError` naming the path when it is missing, truncated, corrupted, or not a
+    checkpoint written by this project.
+    """
+    p = resolve_checkpoint_path(path, key)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "unreadable"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{key}={p} cannot be read (truncated or corrupted?): "
+                              f"{first}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CHECKPOINT_KEY not in ckpt:
+        raise CheckpointError(f"{key}={p} is not a checkpoint written by this project's train.py "
+                              f"(no '{CHECKPOINT_KEY}' metadata)")
+    version = ckpt[CHECKPOINT_KEY].get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{key}={p} has checkpoint format {version}; this code reads "
+                              f"format {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The Transformer's weights from a Lightning checkpoint (the `model.` prefix removed)."""
+    return {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items()
+            if k.startswith(STATE_PREFIX)}
+
+
+def load_weights(model: nn.Module, ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Copy a checkpoint's weights into `model`; `CheckpointError` naming the first mismatch."""
+    state = model_state_dict(ckpt)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = (f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model "
+                "does not")
+        raise CheckpointError(f"init_from={path} {what}: the checkpoint was trained with a "
+                              "different model/pe config")
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise CheckpointError(
+                f"init_from={path}: {name} has shape {list(tensor.shape)} in the checkpoint but "
+                f"{list(own[name].shape)} in this model; match its model.* / pe.* sizes "
+                "(see its config with build_model_from_checkpoint)")
+    model.load_state_dict(state)
+
+
+def build_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                                model_config_hook: Callable[[dict], dict] | None = None
+                                ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild `(model, tokenizer, meta)` from a checkpoint alone; the model is in eval mode.
+
+    `meta` is the checkpoint's `"bipe"` entry (model_config, tokenizer, data_stats, run_config,
+    global_step). `model_config_hook` may edit the model config dict first, e.g. to set RoPE
+    scaling for evaluation at a longer length.
+    """
+    from tokenizers import Tokenizer
+
+    from models import ModelConfig, Transformer
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    meta = ckpt[CHECKPOINT_KEY]
+    config_dict = dict(meta["model_config"])
+    if model_config_hook is not None:
+        config_dict = model_config_hook(config_dict)
+    model = Transformer(ModelConfig.from_dict(config_dict))
+    model.load_state_dict(model_state_dict(ckpt))
+    model.eval()
+    tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    return model, tokenizer, meta

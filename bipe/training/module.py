@@ -1,0 +1,129 @@
+"""`LanguageModel`: next-token training of a `models.Transformer` with AdamW and warmup + decay."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from bipe.training.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, to_plain
+from bipe.training.schedule import lr_multiplier
+from bipe.training.schema import OptimConfig
+from models import ModelConfig, Transformer
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and the number of scored tokens.
+
+    `logits` float `[B, T, V]`; `targets` long `[B, T]` with -100 = not scored; `loss_mask` bool
+    `[B, T]` or None (False = not scored, e.g. the prompt of a task). Returning the sum lets
+    callers weight by tokens across batches instead of averaging per-batch means.
+    """
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask.bool(), -100)
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                            reduction="sum")
+    return total, (targets != -100).sum()
+
+
+def batch_seed(seed: int, batch_number: int) -> int:
+    """A well-mixed 63-bit seed for global training batch `batch_number` of run `seed`."""
+    return int(np.random.SeedSequence([seed, batch_number]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class LanguageModel(L.LightningModule):
+    """Trains `Transformer(model_config)` on batches of `input_ids`, `targets`, `boundary`.
+
+    `metadata` (tokenizer JSON, data statistics, resolved run config) is written into every
+    checkpoint beside the model config, so a checkpoint is enough to rebuild model and tokenizer.
+    """
+
+    def __init__(self, model_config: ModelConfig, optim: OptimConfig, max_steps: int,
+                 seed: int = 0, metadata: dict[str, Any] | None = None):
+        super().__init__()
+        self.model_config = model_config
+        self.model = Transformer(model_config)
+        self.optim = optim
+        self.max_steps = max_steps
+        self.seed = seed
+        self.metadata = to_plain(metadata or {}, "metadata")
+        self.val_loss = MeanMetric()
+        self._micro_step: tuple[int, int] | None = None  # (global_step, micro-batch within it)
+        self.last_saved_step: int | None = None
+
+    def forward(self, input_ids: Tensor, boundary: Tensor | None = None) -> Tensor:
+        """`input_ids` long `[B, T]`, `boundary` bool `[B, T]` or None -> logits `[B, T, V]`."""
+        return self.model(input_ids, boundary)
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input_ids"], batch.get("boundary"))
+        return next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws from the global RNG. Reseeding it from (seed, global batch number) makes
+        # the masks of batch k a function of k alone, like the data (batch k = f(seed, k)), so a
+        # resumed run is bitwise identical to an uninterrupted one, whatever validation, sanity
+        # checks or dataloader start-up consumed from the RNG in between.
+        step = self.trainer.global_step
+        micro = 0
+        if self._micro_step is not None and self._micro_step[0] == step:
+            micro = self._micro_step[1] + 1
+        self._micro_step = (step, micro)
+        torch.manual_seed(batch_seed(self.seed, step * self.trainer.accumulate_grad_batches + micro))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        total, count = self._loss(batch)
+        loss = total / count.clamp(min=1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        total, count = self._loss(batch)
+        if count > 0:  # token-weighted: every scored token counts once, whatever its batch
+            self.val_loss.update(total / count, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decay matrices and embeddings (dim >= 2), not norms, biases or scalars (as nanoGPT).
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2],
+                   "weight_decay": self.optim.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas),
+                                      eps=self.optim.eps)
+        schedule = functools.partial(
+            lr_multiplier, max_steps=self.max_steps, warmup_steps=self.optim.warmup_steps,
+            schedule=self.optim.schedule, min_lr_ratio=self.optim.min_lr_ratio,
+            power=self.optim.power)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "model_config": to_plain(self.model_config.to_dict(), "model_config"),
+            "global_step": self.trainer.global_step,
+            **self.metadata,
+        }
+        self.last_saved_step = self.trainer.global_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resume the data where the checkpoint left it. The training loader is infinite and
+        # deterministic (batch k = f(seed, k)); Lightning builds it after this hook, so setting
+        # the start here makes its first batch the one the interrupted run would have drawn next.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "start_batch"):
+            datamodule.start_batch = checkpoint["global_step"] * self.trainer.accumulate_grad_batches

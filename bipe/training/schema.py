@@ -1,0 +1,212 @@
+"""Validate the composed run config before any work: a wrong key or value is one line naming it.
+
+Hydra already rejects an unknown group choice (`pe=foo`) and an override of a key that does not
+exist (`optim.lrr=1`). What reaches `validate_config` can still be wrong: a `+key=` addition, a typo
+in an experiment file, a value of the wrong type or range. The groups owned by other packages are
+checked by their own constructors (`ModelConfig`, `PEConfig`, `LMDataModule`); this module checks
+the keys the training code reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bipe.errors import ConfigError
+from bipe.training.schedule import SCHEDULES
+
+TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "optim", "eval", "pe", "model", "data", "task",
+                  "trainer", "logger", "callbacks", "paths")
+TASKS = ("lm",)
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"unknown config key {key}; {hint}valid keys here: {', '.join(valid)}")
+
+
+def check_keys(node: Mapping[str, Any], valid: list[str], prefix: str) -> None:
+    """Raise `ConfigError` naming the first key of `node` that is not in `valid`."""
+    for key in node:
+        if key not in valid:
+            raise _unknown_key_error(f"{prefix}.{key}" if prefix else str(key), list(valid))
+
+
+def _number(value: Any, key: str, *, integer: bool = False) -> float:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}={value!r} must be {kind}")
+    return value
+
+
+def _from_mapping(cls: type, node: Mapping[str, Any], prefix: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    check_keys(node, names, prefix)
+    return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in node.items()})
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`optim.*`)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    power: float = 2.0  # exponent of the `polynomial` schedule
+
+    def __post_init__(self) -> None:
+        if _number(self.lr, "optim.lr") <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        if _number(self.weight_decay, "optim.weight_decay") < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if (not isinstance(self.betas, list) or len(self.betas) != 2
+                or not all(0 <= _number(b, "optim.betas") < 1 for b in self.betas)):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if _number(self.eps, "optim.eps") <= 0:
+            raise ConfigError(f"optim.eps={self.eps} must be positive")
+        if _number(self.warmup_steps, "optim.warmup_steps", integer=True) < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is unknown; choose one of "
+                              f"{', '.join(SCHEDULES)}")
+        if not 0 <= _number(self.min_lr_ratio, "optim.min_lr_ratio") <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if _number(self.power, "optim.power") <= 0:
+            raise ConfigError(f"optim.power={self.power} must be positive")
+
+
+@dataclass
+class EvalConfig:
+    """End-of-run perplexity at multiples of the training length (`eval.*`)."""
+
+    lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # x data.block_size
+    split: str = "validation"
+    batch_size: int | None = None  # blocks per batch; None = the training batch's token count
+    max_blocks: int | None = None  # per length; None = every block of the split
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lengths, list) or not all(
+                _number(m, "eval.lengths", integer=True) >= 1 for m in self.lengths):
+            raise ConfigError(f"eval.lengths={self.lengths} must be a list of positive integers "
+                              "(multiples of data.block_size)")
+        for key in ("batch_size", "max_blocks"):
+            value = getattr(self, key)
+            if value is not None and _number(value, f"eval.{key}", integer=True) < 1:
+                raise ConfigError(f"eval.{key}={value} must be a positive integer or null")
+
+
+def check_target_kwargs(node: Mapping[str, Any], prefix: str) -> None:
+    """Check a `_target_` config's keys against the target's signature (before instantiating it)."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        raise ConfigError(f"{prefix}._target_ is missing: name the class or function to build")
+    try:
+        from hydra.utils import get_object
+
+        obj: Callable[..., Any] = get_object(target)
+    except Exception as exc:  # hydra wraps import errors in several types
+        raise ConfigError(f"{prefix}._target_={target!r} cannot be imported: "
+                          f"{str(exc).splitlines()[0]}") from None
+    params = inspect.signature(obj).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+    check_keys({k: v for k, v in node.items() if not k.startswith("_")}, valid, prefix)
+
+
+@dataclass
+class RunSettings:
+    """The typed part of the config that the training code reads."""
+
+    optim: OptimConfig
+    eval: EvalConfig
+    max_steps: int
+    accumulate_grad_batches: int
+    block_size: int
+
+
+def validate_config(cfg: DictConfig) -> RunSettings:
+    """Check every key the training code reads; raise `ConfigError` naming the first bad one."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    check_keys(container, list(TOP_LEVEL_KEYS), "")
+    for key in TOP_LEVEL_KEYS:
+        if key not in container:
+            raise ConfigError(f"config key {key} is missing (conf/train.yaml sets it)")
+
+    _number(container["seed"], "seed", integer=True)
+    for key in ("ckpt_path", "init_from"):
+        if container[key] is not None and not isinstance(container[key], str):
+            raise ConfigError(f"{key}={container[key]!r} must be a path or null")
+    if container["ckpt_path"] and container["init_from"]:
+        raise ConfigError("set only one of ckpt_path (resume a run exactly) and init_from "
+                          "(start a new run from its weights)")
+
+    optim = _from_mapping(OptimConfig, container["optim"] or {}, "optim")
+    evaluation = _from_mapping(EvalConfig, container["eval"] or {}, "eval")
+
+    task = container["task"] or {}
+    check_keys(task, ["name"], "task")
+    if task.get("name") not in TASKS:
+        raise ConfigError(f"task.name={task.get('name')!r} is unknown; choose one of {TASKS}")
+    check_keys(container["paths"], ["root", "output_dir", "cache_dir"], "paths")
+
+    data = container["data"]
+    block_size = data.get("block_size")
+    if _number(block_size, "data.block_size", integer=True) < 2:
+        raise ConfigError(f"data.block_size={block_size} must be at least 2 (inputs are "
+                          "block_size tokens, targets the same shifted by one)")
+    if _number(data.get("batch_size"), "data.batch_size", integer=True) < 1:
+        raise ConfigError(f"data.batch_size={data.get('batch_size')} must be a positive integer")
+
+    trainer = container["trainer"]
+    check_target_kwargs(trainer, "trainer")
+    max_steps = trainer.get("max_steps", -1)
+    if _number(max_steps, "trainer.max_steps", integer=True) < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer "
+                          "steps (the training loader is infinite; epochs do not end)")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if _number(accumulate, "trainer.accumulate_grad_batches", integer=True) < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be >= 1")
+    interval = trainer.get("val_check_interval")
+    if interval is not None:
+        if _number(interval, "trainer.val_check_interval", integer=True) < 1:
+            raise ConfigError(f"trainer.val_check_interval={interval} must be a positive number "
+                              "of batches (the training loader has no epochs)")
+        # Checkpoints are written after validation; one written mid-accumulation would lose the
+        # partial gradient, and a resumed run would no longer match an uninterrupted one.
+        if interval % accumulate:
+            raise ConfigError(f"trainer.val_check_interval={interval} must be a multiple of "
+                              f"trainer.accumulate_grad_batches={accumulate}")
+    if trainer.get("check_val_every_n_epoch", None) is not None:
+        raise ConfigError("trainer.check_val_every_n_epoch must be null: the training loader "
+                          "is infinite, validation runs every trainer.val_check_interval batches")
+
+    logger = container["logger"] or {}
+    if logger:
+        check_target_kwargs(logger, "logger")
+    for name, node in (container["callbacks"] or {}).items():
+        if node is not None:
+            check_target_kwargs(node, f"callbacks.{name}")
+
+    return RunSettings(optim=optim, eval=evaluation, max_steps=max_steps,
+                       accumulate_grad_batches=accumulate, block_size=block_size)

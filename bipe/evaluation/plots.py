@@ -1,0 +1,76 @@
+"""Figures of evaluation results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_ppl_vs_length(curves: dict[str, list[tuple[int, float]]], train_length: int | None,
+                       path: str | Path, title: str = "Perplexity against length") -> Path:
+    """One line per model: `curves[label] = [(length, ppl), ...]`; log-scale perplexity."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in sorted(curves.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_nll_by_position(curves: dict[str, np.ndarray], train_length: int | None,
+                         path: str | Path, smooth: int = 32) -> Path:
+    """Mean NLL at each position (moving average over `smooth` positions), one line per model."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, nll in sorted(curves.items()):
+        nll = np.asarray(nll, dtype=float)
+        k = max(1, min(smooth, len(nll) // 8 or 1))
+        smoothed = np.convolve(nll, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=label, linewidth=1)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
+    ax.set_xlabel("position in window (tokens)")
+    ax.set_ylabel("mean NLL (nats)")
+    ax.set_title("NLL by position")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_passkey_heatmap(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Accuracy by (depth, length) from `passkey_accuracy` rows."""
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -111,6 +111,8 @@ def rope_frequencies(head_dim: int, base: float = 10000.0,
     if scaling is None:
         return _base_inv_freq(head_dim, base).float(), 1.0
     validate_scaling(scaling)
+    if scaling.get("factor", None) == 1 and scaling["type"] != "dynamic":
+        return _base_inv_freq(head_dim, base).float(), 1.0  # exactly unscaled
     fn = ROPE_SCALING[scaling["type"]][0]
     inv_freq, scale = fn(head_dim, base, scaling, seq_len)
     return inv_freq.float(), scale

@@ -1,0 +1,523 @@
+"""LMDataModule: builds or reuses the packed cache and serves blocks of (ids, boundary).
+
+Blocks. A split is one flat token stream. Block i covers inputs `[i*T, (i+1)*T)`; a window of
+T+1 tokens gives `input_ids = w[:-1]`, `targets = w[1:]`, `boundary` = the flags of the inputs,
+so consecutive blocks overlap by exactly one token and every token after the first is a target
+exactly once. Positions (intra/inter) restart at every block; that is the model's job.
+
+Training: `train_dataloader()` is infinite and deterministic. Global batch k takes block indices
+`perm_e[j*B:(j+1)*B]` with `e = k // batches_per_epoch`, `j = k % batches_per_epoch` and
+`perm_e` a permutation of all training blocks drawn from `numpy.random.default_rng((seed, e))`
+(the last `n_blocks % B` blocks of each permutation are skipped, differently each epoch).
+Batch k is thus a function of (seed, k) only; setting `dm.start_batch = k` before
+`train_dataloader()` resumes at batch k without replaying anything. With `num_workers = W > 0`
+worker w produces batches k = start + w, start + w + W, ... and the DataLoader returns them
+round-robin, i.e. in order; workers are seeded from the loader's seeded generator.
+
+Validation/test: fixed blocks in stream order, no shuffle. The tail that does not fill a block
+is a last, padded block (padding: input = end-of-document id, target = -100, boundary False) and
+the number of blocks is padded up to a multiple of the batch size with fully padded blocks, so
+every batch has the same shape [B, T] and every token is scored exactly once. Only the last batch
+holds padding and it always holds at least one real block; average the loss over scored tokens
+(targets != -100), not over batches.
+
+`eval_dataset(split, length)` gives full non-overlapping blocks of `length` inputs (no padding
+by default, so every scored token has its full left context within the block) for the
+perplexity-vs-length evaluation; `clipped_intra_tokens` counts, over the same blocks, the tokens
+whose intra-segment index reaches `max_intra` (where a learned intra table clips).
+
+Cache key = hash of: source fingerprint (cheap: package version and file sizes/mtimes, or the hub
+dataset identity and caps), segmenter identity (name, options, rule version), tokenizer identity
+(the given tokenizer.json's content hash, or "trained BPE, vocab size, training version", since a
+trained BPE is a deterministic function of the training split the source fingerprint already
+pins), and the pack version. A warm start computes it without reading the corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from bipe.errors import ConfigError, DataError
+
+from .config import SPLITS, DataConfig, canonical_split
+from .packing import (
+    PACK_VERSION,
+    PackedCorpus,
+    SplitWriter,
+    cache_key,
+    file_checksum,
+    ids_dtype,
+    intra_positions,
+    load_or_build,
+    segment_lengths,
+    segment_stats,
+    segments_per_block,
+)
+from .segment import Segmenter, separator_token_ids
+from .sources import Source, make_source
+from .tokenizer import (
+    TOKENIZER_VERSION,
+    DocumentEncoder,
+    eod_id_of,
+    file_hash,
+    load_tokenizer_file,
+    tokenizer_path_or_error,
+    train_or_load_cached,
+)
+
+log = logging.getLogger(__name__)
+
+ENCODE_GROUP_CHARS = 8_000_000  # documents are encoded/segmented in groups of about this size
+IGNORE_INDEX = -100
+
+
+class SplitStream:
+    """One split's flat (ids, boundary) streams; memmaps open lazily in each process."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any], dtype: str) -> None:
+        self.folder = folder
+        self.tokens = int(meta["tokens"])
+        self.ids_file = meta["ids_file"]
+        self.boundary_file = meta["boundary_file"]
+        self.dtype = dtype
+        self._ids: np.ndarray | None = None
+        self._boundary: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.tokens
+
+    @property
+    def ids(self) -> np.ndarray:
+        """uint16/uint32 [N] read-only memmap."""
+        if self._ids is None:
+            self._ids = np.memmap(self.folder / self.ids_file, dtype=np.dtype(self.dtype),
+                                  mode="r", shape=(self.tokens,))
+        return self._ids
+
+    @property
+    def boundary(self) -> np.ndarray:
+        """bool [N] read-only memmap."""
+        if self._boundary is None:
+            self._boundary = np.memmap(self.folder / self.boundary_file, dtype=np.bool_,
+                                       mode="r", shape=(self.tokens,))
+        return self._boundary
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into DataLoader workers: send paths, not the mapped data.
+        state = self.__dict__.copy()
+        state["_ids"] = state["_boundary"] = None
+        return state
+
+
+def _windows(stream: SplitStream, starts: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+    """Batch of full blocks: input_ids/targets long [B, T], boundary bool [B, T]."""
+    offsets = starts[:, None] + np.arange(length + 1)
+    w = np.asarray(stream.ids[offsets], dtype=np.int64)
+    b = np.asarray(stream.boundary[offsets[:, :-1]], dtype=bool)
+    return {
+        "input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :-1])),
+        "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:])),
+        "boundary": torch.from_numpy(b),
+    }
+
+
+class TrainBatches(IterableDataset):
+    """Infinite stream of training batches; batch k depends only on (seed, k)."""
+
+    def __init__(self, stream: SplitStream, block_size: int, batch_size: int, seed: int,
+                 start_batch: int = 0) -> None:
+        self.stream = stream
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.n_blocks = (len(stream) - 1) // block_size
+        self.batches_per_epoch = self.n_blocks // batch_size
+        self._perm_epoch = -1
+        self._perm = np.zeros(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """int64 [n_blocks]: the block order of `epoch` (cached for the current epoch)."""
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.n_blocks)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def block_indices(self, k: int) -> np.ndarray:
+        """int64 [B]: indices of the training blocks in global batch k."""
+        epoch, j = divmod(k, self.batches_per_epoch)
+        return self.permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Global batch k: input_ids/targets long [B, T], boundary bool [B, T]."""
+        starts = self.block_indices(k) * self.block_size
+        return _windows(self.stream, starts, self.block_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        k = self.start_batch + (info.id if info is not None else 0)
+        step = info.num_workers if info is not None else 1
+        while True:
+            yield self.batch(k)
+            k += step
+
+
+class BlockDataset(Dataset):
+    """Fixed, non-overlapping blocks of `length` inputs over one split (optionally padded)."""
+
+    def __init__(self, stream: SplitStream, length: int, pad_id: int, pad_last: bool = False,
+                 pad_to_multiple: int = 1) -> None:
+        self.stream = stream
+        self.length = length
+        self.pad_id = pad_id
+        scored = len(stream) - 1  # every token but the first is a target
+        self.full_blocks = scored // length
+        self.tail = scored - self.full_blocks * length if pad_last else 0
+        self.real_blocks = self.full_blocks + (1 if self.tail else 0)
+        self.n_items = math.ceil(self.real_blocks / pad_to_multiple) * pad_to_multiple
+        self.scored_tokens = self.full_blocks * length + self.tail
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n_items:
+            raise IndexError(i)
+        t = self.length
+        if i < self.full_blocks:
+            batch = _windows(self.stream, np.asarray([i * t]), t)
+            return {k: v[0] for k, v in batch.items()}
+        inputs = torch.full((t,), self.pad_id, dtype=torch.long)
+        targets = torch.full((t,), IGNORE_INDEX, dtype=torch.long)
+        boundary = torch.zeros(t, dtype=torch.bool)
+        if i < self.real_blocks:  # the partial tail block
+            a, m = i * t, self.tail
+            ids = np.asarray(self.stream.ids[a : a + m + 1], dtype=np.int64)
+            inputs[:m] = torch.from_numpy(ids[:-1])
+            targets[:m] = torch.from_numpy(ids[1:])
+            boundary[:m] = torch.from_numpy(np.array(self.stream.boundary[a : a + m], dtype=bool))
+        return {"input_ids": inputs, "targets": targets, "boundary": boundary}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy/random in a DataLoader worker from torch's per-worker seed (itself seeded)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class LMDataModule(L.LightningDataModule):
+    """Packed language-modelling data with segment boundaries; see the module docstring."""
+
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg: DataConfig = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed={seed!r} must be a non-negative integer")
+        self.seed = seed
+        self.start_batch = 0
+        self.tokenizer: Tokenizer | None = None
+        self.eod_id: int | None = None
+        self.stats: dict[str, Any] = {}
+        self.cache_key: str | None = None
+        self.built_cache = False  # True when this instance (re)built the packed cache
+        self._packed: PackedCorpus | None = None
+        self._streams: dict[str, SplitStream] = {}
+        self._separator_ids: list[int] | None = None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the packed cache if needed (Lightning calls this on one process)."""
+        self._ensure_packed()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open (building if needed) the cache; fill tokenizer, eod_id and stats. Idempotent."""
+        if self._packed is None:
+            self._ensure_packed()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints so a resume on different data is noticed."""
+        return {"cache_key": self.cache_key, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when resuming from a checkpoint that was trained on other data."""
+        old = state_dict.get("cache_key")
+        if old and self.cache_key and old != self.cache_key:
+            log.warning(
+                "resuming on different data: checkpoint cache key %s, now %s", old, self.cache_key
+            )
+
+    # -- cache -----------------------------------------------------------------------------------
+
+    def _tokenizer_identity(self) -> dict[str, Any]:
+        tcfg = self.cfg.tokenizer
+        if tcfg.path:
+            path = tokenizer_path_or_error(tcfg.path)
+            return {"file": file_hash(path), "eod_token": tcfg.eod_token}
+        return {"trained_bpe": tcfg.vocab_size, "version": TOKENIZER_VERSION,
+                "eod_token": tcfg.eod_token}
+
+    def _ensure_packed(self) -> None:
+        if self._packed is not None:
+            return
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        source = make_source(cfg)
+        material = {
+            "pack_version": PACK_VERSION,
+            "source": source.fingerprint(),
+            "segmenter": Segmenter.identity(cfg),
+            "tokenizer": self._tokenizer_identity(),
+        }
+        key = cache_key(material)
+        root = Path(cfg.cache_root) / "packed"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"data.cache_dir={cfg.cache_dir!r}: cannot create {root}: {e}") from e
+        packed, built = load_or_build(root, cfg.name, key, material,
+                                      lambda tmp: self._build(tmp, source))
+        self._packed, self.built_cache, self.cache_key = packed, built, key
+        self.tokenizer = load_tokenizer_file(packed.path / "tokenizer.json", "packed cache")
+        self.eod_id = int(packed.meta["eod_id"])
+        self._streams = {s: SplitStream(packed.path, packed.split_meta(s), packed.meta["dtype"])
+                         for s in SPLITS}
+        self.stats = self._block_stats(packed.meta)
+        log.info(
+            "data %s (%s): %s in %.2fs from %s", cfg.name, cfg.segmenter,
+            "built" if built else "cache reused", time.perf_counter() - t0, packed.path,
+        )
+        log.info("data stats: %s", self.stats)
+
+    def _build(self, tmp: Path, source: Source) -> dict[str, Any]:
+        """Read, tokenize, segment and write every split into `tmp`; returns the metadata."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        corpus = source.load()
+        train_texts = [d.text for d in corpus.splits["train"]]
+        if not train_texts:
+            raise DataError(f"data={cfg.name}: the training split is empty (no documents)")
+        t_load = time.perf_counter()
+        if cfg.tokenizer.path:
+            tok = load_tokenizer_file(tokenizer_path_or_error(cfg.tokenizer.path))
+            eod_source = f"data.tokenizer.path={cfg.tokenizer.path!r}"
+        else:
+            tok = train_or_load_cached(train_texts, cfg.tokenizer.vocab_size, cfg.cache_root,
+                                       cfg.tokenizer.eod_token)
+            eod_source = "the trained tokenizer"
+        eod = eod_id_of(tok, cfg.tokenizer.eod_token, eod_source)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = ids_dtype(vocab)
+        t_tok = time.perf_counter()
+        segmenter = Segmenter(cfg, tok)
+        encoder = DocumentEncoder(tok)
+        splits_meta: dict[str, Any] = {}
+        seg_stats: dict[str, Any] = {}
+        empty_after_tokenizing = 0
+        for split in SPLITS:
+            writer = SplitWriter(tmp, split, dtype)
+            try:
+                docs = corpus.splits[split]
+                i = 0
+                while i < len(docs):
+                    j, chars = i, 0
+                    while j < len(docs) and (j == i or chars < ENCODE_GROUP_CHARS):
+                        chars += len(docs[j].text)
+                        j += 1
+                    group = docs[i:j]
+                    for doc, (ids, starts) in zip(
+                        group, encoder.encode_many([d.text for d in group]), strict=True
+                    ):
+                        if len(ids) == 0:
+                            empty_after_tokenizing += 1
+                            continue
+                        writer.add(ids, segmenter.boundaries(doc.text, ids, starts), eod)
+                    i = j
+            except BaseException:
+                writer.abort()
+                raise
+            splits_meta[split] = writer.close()
+            if writer.documents == 0:
+                raise DataError(f"data={cfg.name}: the {split} split has no documents")
+            boundary = np.fromfile(tmp / splits_meta[split]["boundary_file"], dtype=np.bool_)
+            seg_stats[split] = segment_stats(boundary)
+        tok_path = tmp / "tokenizer.json"
+        tok.save(str(tok_path))
+        with open(tok_path, "rb+") as f:
+            os.fsync(f.fileno())
+        t_end = time.perf_counter()
+        log.info(
+            "built %s cache: load %.1fs, tokenizer %.1fs, tokenize+segment+write %.1fs",
+            cfg.name, t_load - t0, t_tok - t_load, t_end - t_tok,
+        )
+        return {
+            "dtype": dtype.str,
+            "vocab_size": vocab,
+            "eod_id": eod,
+            "tokenizer_checksum": file_checksum(tok_path, tok_path.stat().st_size),
+            "splits": splits_meta,
+            "segment_stats": seg_stats,
+            "source_stats": {
+                **corpus.stats,
+                "skipped_empty_documents": corpus.stats.get("skipped_empty_documents", 0)
+                + empty_after_tokenizing,
+            },
+            "build_seconds": round(t_end - t0, 3),
+        }
+
+    def _block_stats(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Flat JSON-able statistics; train split unless prefixed with the split name."""
+        t = self.cfg.block_size
+        train = self._streams["train"]
+        stats: dict[str, Any] = {
+            "vocab_size": int(meta["vocab_size"]),
+            "eod_id": int(meta["eod_id"]),
+            "block_size": t,
+            "tokens": int(meta["splits"]["train"]["tokens"]),
+            "documents": int(meta["splits"]["train"]["documents"]),
+        }
+        stats.update(meta["segment_stats"]["train"])
+        per_block = segments_per_block(train.boundary, t)
+        stats["train_blocks"] = int(len(per_block))
+        stats["batches_per_epoch"] = int(len(per_block) // self.cfg.batch_size)
+        has_blocks = len(per_block) > 0
+        stats["segments_per_block_mean"] = round(float(per_block.mean()), 3) if has_blocks else 0.0
+        stats["max_segments_per_block"] = int(per_block.max()) if has_blocks else 0
+        stats["segments_longer_than_block"] = int((segment_lengths(train.boundary) > t).sum())
+        for split in ("validation", "test"):
+            stats[f"{split}_tokens"] = int(meta["splits"][split]["tokens"])
+            stats[f"{split}_documents"] = int(meta["splits"][split]["documents"])
+            stats[f"{split}_segments"] = int(meta["segment_stats"][split]["segments"])
+        for k, v in meta["source_stats"].items():
+            stats[k] = int(v)
+        return stats
+
+    # -- access ----------------------------------------------------------------------------------
+
+    def _stream(self, split: str) -> SplitStream:
+        if self._packed is None:
+            self.setup()
+        return self._streams[canonical_split(split)]
+
+    @property
+    def cache_path(self) -> Path:
+        """The packed cache folder in use (after setup)."""
+        if self._packed is None:
+            self.setup()
+        assert self._packed is not None
+        return self._packed.path
+
+    @property
+    def separator_ids(self) -> list[int]:
+        """Ids of the tokens matching `data.separators` (for boundaries_from_separators)."""
+        if self._separator_ids is None:
+            if self.tokenizer is None:
+                self.setup()
+            assert self.tokenizer is not None
+            self._separator_ids = separator_token_ids(
+                self.tokenizer, self.cfg.separators, self.cfg.separator_match
+            ).tolist()
+        return self._separator_ids
+
+    def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N], boundary bool [N]) read-only memmaps of a whole split."""
+        s = self._stream(split)
+        return s.ids, s.boundary
+
+    def _pin(self) -> bool:
+        return torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        nw = self.cfg.num_workers
+        return {
+            "num_workers": nw,
+            "pin_memory": self._pin(),
+            "worker_init_fn": _seed_worker if nw > 0 else None,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def train_dataset(self) -> TrainBatches:
+        """The infinite batch stream, starting at `self.start_batch`."""
+        if isinstance(self.start_batch, bool) or not isinstance(self.start_batch, int) or \
+                self.start_batch < 0:
+            raise ConfigError(f"start_batch={self.start_batch!r} must be a non-negative integer")
+        ds = TrainBatches(self._stream("train"), self.cfg.block_size, self.cfg.batch_size,
+                          self.seed, self.start_batch)
+        if ds.batches_per_epoch == 0:
+            raise DataError(
+                f"the training split has {len(ds.stream)} tokens = {ds.n_blocks} block(s) of "
+                f"data.block_size={self.cfg.block_size}, fewer than data.batch_size="
+                f"{self.cfg.batch_size}; lower data.block_size or data.batch_size, or add data"
+            )
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite, deterministic: batch k is a function of (seed, k); starts at start_batch."""
+        return DataLoader(self.train_dataset(), batch_size=None, **self._loader_kwargs())
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = BlockDataset(self._stream(split), self.cfg.block_size, self._eod(), pad_last=True,
+                          pad_to_multiple=self.cfg.batch_size)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, drop_last=False,
+                          persistent_workers=self.cfg.num_workers > 0, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        """Fixed blocks of block_size, same-size batches, padded targets = -100."""
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        """Like val_dataloader on the test split."""
+        return self._eval_loader("test")
+
+    def _eod(self) -> int:
+        if self.eod_id is None:
+            self.setup()
+        assert self.eod_id is not None
+        return self.eod_id
+
+    def eval_dataset(self, split: str, length: int, pad_last: bool = False) -> BlockDataset:
+        """Non-overlapping blocks of `length` inputs (+1 target token) over a split."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ConfigError(f"evaluation length={length!r} must be a positive integer")
+        ds = BlockDataset(self._stream(split), length, self._eod(), pad_last=pad_last)
+        if len(ds) == 0:
+            log.warning(
+                "the %s split has %d tokens, fewer than one block of %d + 1; no blocks at this "
+                "length", canonical_split(split), len(ds.stream), length,
+            )
+        return ds
+
+    def clipped_intra_tokens(self, split: str, length: int, max_intra: int,
+                             pad_last: bool = False) -> int:
+        """Count tokens of eval_dataset(split, length) whose intra index (restarting at every
+        block, as the model computes it) is >= max_intra, i.e. would clip in the intra table."""
+        if isinstance(max_intra, bool) or not isinstance(max_intra, int) or max_intra < 1:
+            raise ConfigError(f"max_intra={max_intra!r} must be a positive integer")
+        ds = self.eval_dataset(split, length, pad_last=pad_last)
+        boundary = ds.stream.boundary
+        total = 0
+        rows = max(1, (4 << 20) // length)  # bound the [rows, length] int64 temporaries
+        for a in range(0, ds.full_blocks, rows):
+            b = min(ds.full_blocks, a + rows)
+            blocks = np.asarray(boundary[a * length : b * length]).reshape(b - a, length)
+            total += int((intra_positions(blocks) >= max_intra).sum())
+        if ds.tail:
+            a = ds.full_blocks * length
+            tail = np.asarray(boundary[a : a + ds.tail]).reshape(1, ds.tail)
+            total += int((intra_positions(tail) >= max_intra).sum())
+        return total

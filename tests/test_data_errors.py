@@ -1,0 +1,237 @@
+"""Bad input: each case gives a one-line error naming the problem, or a logged recovery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from bipe.errors import ConfigError, DataError  # noqa: E402
+from data import LMDataModule  # noqa: E402
+
+
+def corpus(root: Path, n: int = 6) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"d{i}.txt").write_text(
+            "".join(f"Line {j} of file {i}. Another sentence here!\n" for j in range(40))
+        )
+    return str(root / "*.txt")
+
+
+def cfg_for(tmp_path: Path, **overrides) -> dict:
+    cfg = {"name": "text_files", "segmenter": "lines", "block_size": 16, "batch_size": 2,
+           "tokenizer": {"vocab_size": 280}, "cache_dir": str(tmp_path / "cache"),
+           "validation_fraction": 0.2, "test_fraction": 0.2}
+    if "glob" not in overrides and "train_glob" not in overrides:
+        cfg["glob"] = corpus(tmp_path / "corpus")
+    cfg.update(overrides)
+    return cfg
+
+
+def ready(cfg: dict) -> LMDataModule:
+    dm = LMDataModule(cfg)
+    dm.setup("fit")
+    return dm
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_unknown_source_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        LMDataModule({"name": "wikipedia"})
+    msg = one_line(e)
+    assert "data.name" in msg and "shakespeare" in msg and "text_files" in msg
+
+
+def test_block_size_below_two():
+    with pytest.raises(ConfigError) as e:
+        LMDataModule({"block_size": 1})
+    assert "data.block_size" in one_line(e)
+
+
+def test_unknown_segmenter():
+    with pytest.raises(ConfigError) as e:
+        LMDataModule({"segmenter": "words"})
+    assert "data.segmenter" in one_line(e) and "punkt" in str(e.value)
+
+
+def test_glob_matching_nothing(tmp_path):
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, glob=str(tmp_path / "nothing" / "*.txt")))
+    assert "data.glob" in one_line(e) and "matched no files" in str(e.value)
+
+
+def test_missing_path_is_named(tmp_path):
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, glob=missing))
+    assert missing in one_line(e) and "no such file" in str(e.value)
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, tokenizer={"path": str(tmp_path / "tok.json")}))
+    assert "data.tokenizer.path" in one_line(e)
+
+
+def test_empty_corpus(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.txt").write_text("  \n\n")
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, glob=str(root / "*.txt")))
+    assert "no text" in one_line(e)
+
+
+def test_too_few_documents_for_a_split(tmp_path):
+    (tmp_path / "one.txt").write_text("Just one document.\n")
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, glob=str(tmp_path / "one.txt")))
+    assert "data.train_glob" in one_line(e)
+
+
+def test_binary_file_skipped_and_counted(tmp_path, caplog):
+    glob = corpus(tmp_path / "c")
+    binary = tmp_path / "c" / "image.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with caplog.at_level(logging.WARNING):
+        dm = ready(cfg_for(tmp_path, glob=glob))
+    assert dm.stats["skipped_binary_files"] == 1
+    assert str(binary) in caplog.text
+
+
+def test_invalid_utf8_replaced_and_counted(tmp_path, caplog):
+    glob = corpus(tmp_path / "c")
+    bad = tmp_path / "c" / "latin1.txt"
+    # two invalid bytes, plus a U+FFFD that was valid UTF-8 already and must not be counted
+    bad.write_bytes("caf\u00e9 ok \ufffd.\n".encode() + b"na\xefve \xff end.\n")
+    with caplog.at_level(logging.WARNING):
+        dm = ready(cfg_for(tmp_path, glob=glob))
+    assert dm.stats["invalid_utf8_replacements"] == 2
+    assert "latin1.txt" in caplog.text and "U+FFFD" in caplog.text
+
+
+def test_jsonl_bad_line_skipped_and_missing_key_named(tmp_path, caplog):
+    lines = [json.dumps({"text": f"Record {i}. It has text.\n"}) for i in range(8)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + '\n{"text": "truncat')
+    with caplog.at_level(logging.WARNING):
+        dm = ready(cfg_for(tmp_path, glob=str(path), block_size=4))
+    assert dm.stats["skipped_jsonl_lines"] == 1 and dm.stats["documents"] >= 1
+    with pytest.raises(DataError) as e:
+        ready(cfg_for(tmp_path, glob=str(path), text_key="content"))
+    assert "data.text_key" in one_line(e)
+
+
+def test_megabyte_document_without_boundary(tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta"], 200_000)
+    (root / "big.txt").write_text(" ".join(words))  # ~1.2 MB, no full stop, no newline
+    for i in range(2):
+        (root / f"small{i}.txt").write_text("A short one. Yes.\n")
+    cfg = cfg_for(tmp_path, train_glob=str(root / "big.txt"),
+                  validation_glob=str(root / "small*.txt"), segmenter="punkt", block_size=64)
+    dm = ready(cfg)
+    s = dm.stats
+    assert s["segments"] == 1 and s["tokens_per_segment_max"] == s["tokens"]
+    assert s["segments_longer_than_block"] == 1 and s["max_segments_per_block"] == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 64)
+    assert dm.clipped_intra_tokens("train", 64, 16) == s["train_blocks"] * (64 - 16)
+
+
+@pytest.mark.parametrize("name", ["pg19", "pile"])
+def test_hub_offline_fails_at_once(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    dm = LMDataModule({"name": name, "subset": "ArXiv", "cache_dir": str(tmp_path)})
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        dm.prepare_data()
+    assert time.perf_counter() - t0 < 2.0
+    msg = one_line(e)
+    assert "HF_DATASETS_OFFLINE" in msg
+    assert "data=shakespeare" in msg and "data=python_code" in msg and "data.glob=" in msg
+    assert not list((tmp_path / "packed").glob(f"{name}-*"))  # nothing half-written
+
+
+def test_pile_needs_subset(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        LMDataModule({"name": "pile", "cache_dir": str(tmp_path)}).prepare_data()
+    assert "data.subset" in one_line(e)
+
+
+def test_corrupted_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    cfg = cfg_for(tmp_path)
+    dm = ready(cfg)
+    ids_ref = np.array(dm.split_arrays("train")[0])
+    path = dm.cache_path / "train.ids"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        dm2 = ready(cfg)
+    assert dm2.built_cache and "checksum mismatch" in caplog.text
+    assert np.array_equal(np.array(dm2.split_arrays("train")[0]), ids_ref)
+
+
+def test_truncated_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    cfg = cfg_for(tmp_path)
+    dm = ready(cfg)
+    path = dm.cache_path / "validation.boundary"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 3)
+    with caplog.at_level(logging.WARNING):
+        dm2 = ready(cfg)
+    assert dm2.built_cache and "truncated" in caplog.text
+    (dm2.cache_path / "meta.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert ready(cfg).built_cache
+    assert "meta.json is unreadable" in caplog.text
+    dm3 = ready(cfg)
+    (dm3.cache_path / "tokenizer.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        dm4 = ready(cfg)
+    assert dm4.built_cache and "tokenizer.json checksum mismatch" in caplog.text
+    assert dm4.tokenizer.get_vocab_size() == dm.tokenizer.get_vocab_size()
+
+
+def test_run_killed_while_writing_leaves_nothing_usable(tmp_path, monkeypatch, caplog):
+    cfg = cfg_for(tmp_path)
+    packed = tmp_path / "cache" / "packed"
+
+    class Killed(BaseException):
+        pass
+
+    def die(self, *args, **kwargs):
+        raise Killed  # like SIGKILL in the middle of writing the test split
+
+    # A real kill gets no chance to clean up: disable the cleanup, then die mid-build.
+    monkeypatch.setattr("data.packing.shutil.rmtree", lambda *a, **k: None)
+    monkeypatch.setattr("data.packing.SplitWriter.add", die)
+    with pytest.raises(Killed):
+        ready(cfg)
+    monkeypatch.undo()
+    leftovers = list(packed.glob(".tmp-*"))
+    assert leftovers and not [p for p in packed.iterdir() if not p.name.startswith(".")]
+    with caplog.at_level(logging.WARNING):
+        dm = ready(cfg)
+    assert dm.built_cache and not any(p.exists() for p in leftovers)
+    assert "interrupted run" in caplog.text
+
+
+def test_batch_size_larger_than_the_corpus(tmp_path):
+    dm = ready(cfg_for(tmp_path, block_size=512, batch_size=64))
+    with pytest.raises(DataError) as e:
+        dm.train_dataloader()
+    assert "data.batch_size" in one_line(e) and "data.block_size" in str(e.value)

@@ -28,10 +28,10 @@ def generation_quality(model: nn.Module, tokenizer, ids: np.ndarray, boundary: n
         starts = np.linspace(0, len(ids) - span, num=samples).astype(int)
         hyps, refs = [], []
         for s in starts:
-            x = torch.from_numpy(np.asarray(ids[s:s + prefix], dtype=np.int64))[None].to(device)
+            x = torch.from_numpy(np.array(ids[s:s + prefix], dtype=np.int64))[None].to(device)
             b = None
             if boundary is not None:
-                b = torch.from_numpy(np.asarray(boundary[s:s + prefix], dtype=bool))[None]
+                b = torch.from_numpy(np.array(boundary[s:s + prefix], dtype=bool))[None]
                 b = b.to(device)
             out = generate(model, x, b, max_new_tokens=new_tokens, separator_ids=separator_ids)
             hyps.append(tokenizer.decode(out[0, prefix:].tolist()))

@@ -87,13 +87,13 @@ def perplexity_at_length(model: nn.Module, ids: np.ndarray, boundary: np.ndarray
 
     def run(group: list[tuple[int, int, int]]) -> None:
         nonlocal nll_sum, tokens, windows
-        x = torch.stack([torch.from_numpy(np.asarray(ids[s:e], dtype=np.int64))
+        x = torch.stack([torch.from_numpy(np.array(ids[s:e], dtype=np.int64))
                          for s, e, _ in group]).to(device)
-        y = torch.stack([torch.from_numpy(np.asarray(ids[s + 1:e + 1], dtype=np.int64))
+        y = torch.stack([torch.from_numpy(np.array(ids[s + 1:e + 1], dtype=np.int64))
                          for s, e, _ in group]).to(device)
         b = None
         if boundary is not None:
-            b = torch.stack([torch.from_numpy(np.asarray(boundary[s:e], dtype=bool))
+            b = torch.stack([torch.from_numpy(np.array(boundary[s:e], dtype=bool))
                              for s, e, _ in group]).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):

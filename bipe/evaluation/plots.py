@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def plot_ppl_vs_length(curves: dict[str, list[tuple[int, float]]], train_length: int | None,
@@ -22,6 +23,8 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, float]]], train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)

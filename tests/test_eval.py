@@ -1,0 +1,93 @@
+"""eval.py end to end on tiny checkpoints made by train.py."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from tests.conftest import CONF
+
+
+def compose_eval(overrides: list[str], out: Path, cache_dir: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.cache_dir = cache_dir
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, corpus, cache_dir):
+    from tests.conftest import compose_train, smoke_overrides
+    from train import train
+
+    sweep = tmp_path_factory.mktemp("sweep")
+    for pe in ("rope", "bipe_alibi"):
+        train(compose_train([*smoke_overrides(corpus, cache_dir), f"pe={pe}"], sweep / pe))
+    return sweep
+
+
+def test_eval_writes_every_output_and_matches_a_hand_computed_block(two_runs, cache_dir,
+                                                                    tmp_path):
+    from bipe.evaluation import runner
+    from bipe.training.checkpoint import build_model_from_checkpoint
+    from eval import evaluate
+
+    out = tmp_path / "eval"
+    cfg = compose_eval([f"sweep_dir={two_runs}", "eval.max_tokens=32", "eval.lengths=[1,2]",
+                        "eval.datasets=[train]", "eval.lm_infinite.enabled=both"], out, cache_dir)
+    evaluate(cfg)
+    for name in ("results.json", "ppl_vs_length.csv", "ppl_vs_length.png",
+                 "nll_by_position.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    rows = results["perplexity"]
+    # 2 models x 2 lengths x (plain, LM-Infinite)
+    assert {(r["model"], r["length"]) for r in rows} == {
+        (m, n) for m in ("rope", "rope+lminf", "bipe_alibi", "bipe_alibi+lminf")
+        for n in (32, 64)}
+    # By hand: the first 32-token block of the test split, scored by the rope checkpoint.
+    ckpt = two_runs / "rope" / "checkpoints" / "last.ckpt"
+    model, _, meta = build_model_from_checkpoint(ckpt)
+    lm = runner.LoadedModel("rope", ckpt, model, None, meta, 32)
+    ids, boundary, _ = runner.load_stream(lm, "train", "test", 32, Path(cache_dir))
+    x, y = torch.tensor(ids[:32].astype(np.int64)), torch.tensor(ids[1:33].astype(np.int64))
+    with torch.no_grad():
+        nll = F.cross_entropy(model(x[None], torch.tensor(boundary[:32])[None])[0], y)
+    row = next(r for r in rows if r["model"] == "rope" and r["length"] == 32)
+    assert row["tokens"] == 32
+    assert row["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path, cache_dir):
+    from bipe.errors import CheckpointError, ConfigError
+    from eval import evaluate
+
+    with pytest.raises(ConfigError, match="ckpt=PATH"):
+        evaluate(compose_eval([], tmp_path / "e1", cache_dir))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(compose_eval([f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path / "e2", cache_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rope", "alibi", "bipe_rope", "bipe_alibi"])
+@pytest.mark.parametrize("lm_infinite", [False, True])
+def test_16k_token_forward_of_a_tiny_model(name, lm_infinite):
+    from bipe import AttentionOptions, LMInfinite
+    from bipe.evaluation import perplexity_at_length
+    from tests.helpers import tiny_model
+
+    model = tiny_model(name, train_len=64)
+    model.attention = AttentionOptions(
+        chunk_size=1024, lm_infinite=LMInfinite(10, 64, 64) if lm_infinite else None)
+    g = np.random.default_rng(0)
+    ids, boundary = g.integers(0, 61, 16385), g.random(16385) < 0.05
+    res = perplexity_at_length(model, ids, boundary, 16384)
+    assert res.tokens == 16384 and math.isfinite(res.ppl)

@@ -66,6 +66,7 @@ class DataConfig:
     newline_boundaries: bool = True  # punkt: every newline also ends a segment
     separators: tuple[str, ...] = ("\n", " .")  # separators: strings whose tokens are boundaries
     separator_match: str = "exact"  # exact: token == separator; contains: separator in token
+    separator_ids: tuple[int, ...] | None = None  # explicit ids (e.g. LLaMA 13, 869); wins
     segment_length: int = 64  # fixed: a boundary every `segment_length` tokens
     # splits
     validation_plays: tuple[str, ...] = ()  # shakespeare: held-out plays (file stems)
@@ -115,6 +116,8 @@ class DataConfig:
                 ", ".join(f"data.tokenizer.{k}" for k in tok_unknown),
             )
         values["tokenizer"] = TokenizerConfig(**{k: tok[k] for k in tok if k in tok_known})
+        if values.get("separator_ids") is not None:
+            values["separator_ids"] = tuple(int(i) for i in values["separator_ids"])
         for key in ("separators", "validation_plays", "test_plays"):
             if key in values and values[key] is not None:
                 v = values[key]

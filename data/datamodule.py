@@ -66,7 +66,7 @@ from .packing import (
     segment_stats,
     segments_per_block,
 )
-from .segment import Segmenter, separator_token_ids
+from .segment import Segmenter, configured_separator_ids
 from .sources import Source, make_source
 from .tokenizer import (
     TOKENIZER_VERSION,
@@ -429,9 +429,7 @@ class LMDataModule(L.LightningDataModule):
             if self.tokenizer is None:
                 self.setup()
             assert self.tokenizer is not None
-            self._separator_ids = separator_token_ids(
-                self.tokenizer, self.cfg.separators, self.cfg.separator_match
-            ).tolist()
+            self._separator_ids = configured_separator_ids(self.tokenizer, self.cfg).tolist()
         return self._separator_ids
 
     def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -102,6 +102,19 @@ def separator_token_ids(tok: Tokenizer, separators: tuple[str, ...], match: str)
     return np.asarray(sorted(found), dtype=np.int64)
 
 
+def configured_separator_ids(tok: Tokenizer, cfg: DataConfig) -> np.ndarray:
+    """`data.separator_ids` when given (the released code's LLaMA ids 13 and 869, whose texts
+    cannot be matched since 869 decodes to "." on its own), else the tokens of `data.separators`."""
+    if cfg.separator_ids is not None:
+        ids = np.asarray(sorted(cfg.separator_ids), dtype=np.int64)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+            raise ConfigError(f"data.separator_ids={list(cfg.separator_ids)} has ids outside the "
+                              f"tokenizer's vocabulary of {vocab}")
+        return ids
+    return separator_token_ids(tok, cfg.separators, cfg.separator_match)
+
+
 class Segmenter:
     """Boundary flags for the content tokens of one document (end-of-document token excluded)."""
 
@@ -115,7 +128,7 @@ class Segmenter:
 
             self._punkt = load_punkt(cfg.cache_root)
         elif self.kind == "separators":
-            self.separator_ids = separator_token_ids(tok, cfg.separators, cfg.separator_match)
+            self.separator_ids = configured_separator_ids(tok, cfg)
             if len(self.separator_ids) == 0:
                 raise ConfigError(
                     f"data.separators={list(cfg.separators)!r} match no token of the tokenizer "
@@ -132,6 +145,8 @@ class Segmenter:
         elif cfg.segmenter == "separators":
             out["separators"] = list(cfg.separators)
             out["match"] = cfg.separator_match
+            if cfg.separator_ids is not None:
+                out["separator_ids"] = list(cfg.separator_ids)
         elif cfg.segmenter == "fixed":
             out["segment_length"] = cfg.segment_length
         return out

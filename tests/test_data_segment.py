@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from bipe.errors import ConfigError  # noqa: E402
 from data.config import DataConfig  # noqa: E402
 from data.segment import (  # noqa: E402
     Segmenter,
@@ -137,6 +138,20 @@ def test_separators_match_the_released_rule(tok, tmp_path):
     ref = positions.boundaries_from_separators(torch.as_tensor(ids[None].astype(np.int64)),
                                                seg.separator_ids.tolist())
     assert ref[0].tolist() == got.tolist()
+
+
+def test_explicit_separator_ids_win_over_strings(tok, tmp_path):
+    text = "A b .\nC d.\n\nE f\n"
+    (ids, starts), = DocumentEncoder(tok).encode_many([text])
+    chosen = int(ids[1])
+    cfg = DataConfig.from_dict({"segmenter": "separators", "cache_dir": str(tmp_path),
+                                "separator_ids": [chosen]})
+    got = Segmenter(cfg, tok).boundaries(text, ids, starts)
+    assert got.tolist() == (ids == chosen).tolist()
+    bad = DataConfig.from_dict({"segmenter": "separators", "cache_dir": str(tmp_path),
+                                "separator_ids": [10**7]})
+    with pytest.raises(ConfigError, match="data.separator_ids"):
+        Segmenter(bad, tok)
 
 
 def test_fixed_and_none(tok, tmp_path):

@@ -154,8 +154,12 @@ def _data_config(name: str, lm: LoadedModel, cache_dir: Path) -> dict[str, Any]:
         raw.cache_dir = str(cache_dir)
         data = OmegaConf.to_container(raw, resolve=True)
     data["cache_dir"] = str(cache_dir)
+    # The checkpoint's tokenizer, and its end-of-document token (e.g. `</s>` for LLaMA).
+    own = lm.meta["run_config"]["data"].get("tokenizer", {})
     data["tokenizer"] = {**data.get("tokenizer", {}),
                          "path": str(_tokenizer_file(lm.meta["tokenizer"], cache_dir))}
+    if own.get("eod_token"):
+        data["tokenizer"]["eod_token"] = own["eod_token"]
     return data
 
 

@@ -1,0 +1,251 @@
+"""Chain-of-thought arithmetic modulo 11 (Feng et al. 2023; PAPERS.md section 2).
+
+Numbers. The field of integers modulo 11: `+ - *` as usual, `a / b = a * b^-1` with `b != 0`
+(every nonzero residue has an inverse because 11 is prime). Each residue 0..10 is one token.
+
+Reading rule (the one the generator prints for and the chain of thought follows).
+`*` and `/` bind tighter than `+` and `-`; operators of equal precedence evaluate left to right,
+so `a - b - c` means `(a - b) - c` and `a / b * c` means `(a / b) * c`.
+
+Brackets. An expression is a binary tree; an operand that is itself an operation is bracketed iff
+  * its operator binds less tightly than its parent's (`a * (b + c)`, `(a - b) / c`), or
+  * it is the right operand, of equal precedence, of `-` or `/` (`a - (b + c)`, `a - (b - c)`,
+    `a / (b * c)`, `a / (b / c)`).
+Nothing else is bracketed. A left operand never needs brackets (left to right already groups it),
+and a right operand of equal precedence under `+` or `*` does not either: `a + (b - c)` is printed
+`a + b - c` and `a * (b / c)` is printed `a * b / c`, which the reading rule groups as
+`(a + b) - c` and `(a * b) / c`, the same value for every a, b, c (associativity, and
+`x - c = x + (-c)`, `x / c = x * c^-1` with `c != 0`). So every bracket pair that is printed is
+needed (removing it changes the value as a function of the numbers) and no needed pair is missing:
+the minimal bracketing of Feng et al.'s generator (guyuntian/CoT_benchmark `arithmetic/data.py`),
+stated on the tree instead of on neighbouring tokens.
+
+Construction. Start from one uniform random number. Then `n` times: pick a uniform random number
+(leaf) of the expression and replace it by `a op b` that evaluates to it, with `op` uniform in
+`+ - * /` and `(a, b)` uniform among the pairs with `a op b` equal to the leaf's value (`b != 0` for
+`/`, so division by zero never occurs). The expression keeps the value of the starting number.
+
+Chain of thought. It undoes the construction: step k is the expression after `n - k` replacements,
+i.e. each step evaluates exactly one operator, the one created last (whose operands are numbers),
+and the last step is the single number that started it, the answer. The printed steps are joined by
+`=`: `3 * 4 - 5 = 1 - 5 = 7`. The direct-answer control (`direct=True`) keeps only the answer:
+`3 * 4 - 5 = 7`. Several trees can print the same expression (`a + b - c` from `(a + b) - c` or
+`a + (b - c)`), so, as in Feng et al., the next step is not always unique; every printed step is
+correct and has the same value.
+
+Sequence and segments. `<bos> question = step_1 = ... = answer <eos>`. Segments are steps
+(PAPERS.md section 1, "one reasoning step per segment"): the token that closes a step is its
+boundary, i.e. every `=` and the final `<eos>`. The question with `<bos>` is the first segment;
+the answer with `<eos>` the last. A generated `=` or `<eos>` thus gets its flag from
+`separator_ids=(EQ_ID, EOS_ID)` exactly as in training.
+
+Loss. Only the tokens after the first `=` are targets (the steps, the answer and `<eos>`); the
+prompt for greedy decoding is everything up to and including the first `=`.
+
+Command line: `python -m data.synthetic.arithmetic --operators N --count K --seed S [--direct]`
+prints K examples with N operators, one a line (`--mix` draws 1..N operators as in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .example import EncodedExample
+
+MODULUS = 11
+OPERATORS = ("+", "-", "*", "/")
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+NON_ASSOCIATIVE = ("-", "/")  # a right operand of equal precedence must keep its brackets
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+VOCAB: tuple[str, ...] = (*SPECIAL_TOKENS, *OPERATORS, "(", ")", "=",
+                          *(str(v) for v in range(MODULUS)))
+TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+PAD_ID, BOS_ID, EOS_ID, EQ_ID = (TOKEN_ID[t] for t in ("<pad>", "<bos>", "<eos>", "="))
+NUMBER_OFFSET = TOKEN_ID["0"]  # number v has id NUMBER_OFFSET + v
+SEPARATOR_IDS = (EQ_ID, EOS_ID)  # tokens that close a segment (a step)
+
+_INVERSE = (0, *(pow(v, -1, MODULUS) for v in range(1, MODULUS)))  # _INVERSE[0] is never used
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    """`a op b` modulo 11; `/` multiplies by the inverse and refuses `b = 0`."""
+    if op == "+":
+        return (a + b) % MODULUS
+    if op == "-":
+        return (a - b) % MODULUS
+    if op == "*":
+        return a * b % MODULUS
+    if op == "/":
+        if b % MODULUS == 0:
+            raise ZeroDivisionError(f"{a} / {b} modulo {MODULUS}")
+        return a * _INVERSE[b % MODULUS] % MODULUS
+    raise ValueError(f"unknown operator {op!r}")
+
+
+# _SPLITS[op][x]: every (a, b) with a op b == x; never empty (b = 0 excluded for "/").
+_SPLITS: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {
+    op: tuple(
+        tuple((a, b) for a in range(MODULUS) for b in range(MODULUS)
+              if not (op == "/" and b == 0) and apply_op(op, a, b) == x)
+        for x in range(MODULUS)
+    )
+    for op in OPERATORS
+}
+
+
+@dataclass(eq=False)
+class Node:
+    """A number (`op is None`) or an operation `left op right`; `value` is its value mod 11."""
+
+    value: int
+    op: str | None = None
+    left: Node | None = None
+    right: Node | None = None
+
+
+def needs_brackets(child: Node, parent_op: str, is_right: bool) -> bool:
+    """Whether operand `child` of `parent_op` is printed in brackets (module docstring rule)."""
+    if child.op is None:
+        return False
+    mine, theirs = PRECEDENCE[child.op], PRECEDENCE[parent_op]
+    return mine < theirs or (is_right and mine == theirs and parent_op in NON_ASSOCIATIVE)
+
+
+def render(node: Node) -> list[str]:
+    """The tokens of `node` printed with minimal brackets, e.g. `['3', '*', '(', ...]`."""
+    out: list[str] = []
+
+    def emit(n: Node) -> None:
+        if n.op is None:
+            out.append(str(n.value))
+            return
+        for child, is_right in ((n.left, False), (n.right, True)):
+            if is_right:
+                out.append(n.op)
+            wrap = needs_brackets(child, n.op, is_right)
+            if wrap:
+                out.append("(")
+            emit(child)
+            if wrap:
+                out.append(")")
+
+    emit(node)
+    return out
+
+
+def build_expression(n_ops: int, rng: random.Random) -> tuple[Node, list[list[str]]]:
+    """Feng et al.'s construction -> (tree, history); `history[k]` = tokens after k replacements."""
+    if n_ops < 0:
+        raise ValueError(f"n_ops={n_ops} must be >= 0")
+    root = Node(rng.randrange(MODULUS))
+    leaves = [root]
+    history = [render(root)]
+    for _ in range(n_ops):
+        leaf = leaves.pop(rng.randrange(len(leaves)))  # uniform over the numbers printed
+        op = rng.choice(OPERATORS)
+        a, b = rng.choice(_SPLITS[op][leaf.value])
+        leaf.op, leaf.left, leaf.right = op, Node(a), Node(b)
+        leaves += [leaf.left, leaf.right]
+        history.append(render(root))
+    return root, history
+
+
+@dataclass(frozen=True)
+class ArithmeticExample:
+    """A question, its chain-of-thought steps (the last one is the answer) and the answer."""
+
+    question: tuple[str, ...]
+    steps: tuple[tuple[str, ...], ...]
+    answer: int
+    operators: int
+    tree: Node | None = field(default=None, compare=False, repr=False)
+
+    def tokens(self) -> list[str]:
+        """`<bos> question = step_1 = ... = answer <eos>` as token strings."""
+        out = ["<bos>", *self.question]
+        for step in self.steps:
+            out += ["=", *step]
+        return [*out, "<eos>"]
+
+    def text(self) -> str:
+        """Readable form `question = step_1 = ... = answer`."""
+        return " = ".join(" ".join(part) for part in (self.question, *self.steps))
+
+
+def make_example(n_ops: int, rng: random.Random, direct: bool = False) -> ArithmeticExample:
+    """One example with `n_ops` operators; `direct=True` drops the intermediate steps."""
+    if n_ops < 1:
+        raise ValueError(f"n_ops={n_ops} must be >= 1 (a question needs an operator)")
+    tree, history = build_expression(n_ops, rng)
+    chain = history[::-1]  # question first, the starting number (= answer) last
+    steps = chain[-1:] if direct else chain[1:]
+    return ArithmeticExample(tuple(chain[0]), tuple(tuple(s) for s in steps), tree.value, n_ops,
+                             tree)
+
+
+def sample_operator_count(max_ops: int, rng: random.Random) -> int:
+    """Operator count in 1..max_ops with probability proportional to the count (Feng et al.)."""
+    counts = range(1, max_ops + 1)
+    return rng.choices(counts, weights=counts)[0]
+
+
+def encode(example: ArithmeticExample) -> EncodedExample:
+    """Token ids with boundaries at `=`/`<eos>` and targets after the first `=`."""
+    ids = tuple(TOKEN_ID[t] for t in example.tokens())
+    first_eq = ids.index(EQ_ID)
+    return EncodedExample(
+        ids=ids,
+        boundary=tuple(i in SEPARATOR_IDS for i in ids),
+        scored=tuple(t > first_eq for t in range(len(ids))),
+        extras={
+            "prompt_len": first_eq + 1,  # inputs [0, prompt_len) are the decoding prompt
+            "answer_id": NUMBER_OFFSET + example.answer,
+            "operators": example.operators,
+        },
+    )
+
+
+def question_length_bound(n_ops: int) -> int:
+    """Most tokens a question with `n_ops` operators can have (n_ops - 1 bracket pairs)."""
+    return max(1, 4 * n_ops - 1)
+
+
+def input_length_bound(n_ops: int, direct: bool = False) -> int:
+    """Most input tokens (sequence minus its last token) of an example with `n_ops` operators."""
+    if direct:  # <bos> Q = A
+        return question_length_bound(n_ops) + 3
+    # <bos>, then each expression of k = n..1 operators with its "=", then the answer.
+    return 2 + sum(question_length_bound(k) + 1 for k in range(1, n_ops + 1))
+
+
+def segment_length_bound(n_ops: int) -> int:
+    """Most tokens in one segment: the first, `<bos> question =`."""
+    return question_length_bound(n_ops) + 2
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.synthetic.arithmetic",
+        description="Print chain-of-thought arithmetic examples (mod 11), one a line.",
+    )
+    parser.add_argument("--operators", type=int, required=True, help="operators per question")
+    parser.add_argument("--count", type=int, default=10, help="number of examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--direct", action="store_true", help="answer only, no chain of thought")
+    parser.add_argument("--mix", action="store_true",
+                        help="draw 1..N operators with share proportional to the count")
+    args = parser.parse_args(argv)
+    if args.operators < 1 or args.count < 0:
+        parser.error("--operators must be >= 1 and --count >= 0")
+    rng = random.Random(args.seed)
+    for _ in range(args.count):
+        n = sample_operator_count(args.operators, rng) if args.mix else args.operators
+        print(make_example(n, rng, args.direct).text())
+
+
+if __name__ == "__main__":
+    _main()

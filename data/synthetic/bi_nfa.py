@@ -21,7 +21,8 @@ Automaton. States are numbered from 0; a *set* of states is what an NFA is simul
     bitmask order, then p'); a (q, x) or (p, S) that drew no successor gets one uniform random
     successor, so no set ever becomes empty. Candidates c = 0, 1, 2, ... are screened and the
     first non-degenerate one is the automaton. Degenerate means, measured on a fixed probe of
-    200 sequences of 8 segments (lengths from `segment_length`): one state token makes up more
+    200 sequences of 8 segments (drawn with `random.Random("probe")`, word lengths from
+    `segment_length`; see `predictability`): one state token makes up more
     than half of the labels, or the label is predictable to more than 80% from the segment's
     inner set alone or from the previous outer set alone. Random automata often collapse (the
     inner set ends up the same whatever the word, or the outer set forgets its past); screening
@@ -31,8 +32,10 @@ Sequences. `<bos> w_1 # T_1 w_2 # T_2 ... w_K # T_K`: K segments, each a word of
 uniform in `segment_length = [lo, hi]`, letters uniform) closed by the separator `#` and one token
 naming the outer set after it. Set tokens are written `{0,2}` (members in increasing order) and
 enumerated by bitmask (`2^m` tokens, `{}` included; bit p of the mask = outer state p), which is
-why `outer_states` is capped at 6. The state token is the automaton's chain of thought: it is
-predicted from the word, the `#` and the true earlier state tokens (teacher forcing).
+why `outer_states` is capped at 6 (and `inner_states` at 10: `Delta` has `m * 2^n` entries). One
+state on either level makes the labels trivial, so both need at least 2. The state token is the
+automaton's chain of thought: it is predicted from the word, the `#` and the true earlier state
+tokens (teacher forcing).
 
 Segments and loss. Segment j is `w_j # T_j` (`<bos>` belongs to the first); its state token closes
 it (boundary True), so the `#` that predicts `T_j` shares segment j's `inter` index with its word.

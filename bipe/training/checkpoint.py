@@ -5,6 +5,9 @@ rebuild the model without the run's config files: the model config (PE config in
 tokenizer as a JSON string, the data statistics (e.g. `max_segments_per_block`, the original
 length of BiPE-RoPE's rotary part for YaRN) and the resolved run config. Every entry is plain
 Python (dict/list/str/int/float/bool/None), so `torch.load(path, weights_only=True)` reads it.
+
+The trainer writes through `checkpoint_io.AtomicCheckpointIO` (-> `save_atomic`). This module
+does not import Lightning, so `train.py` reports a bad checkpoint without that import's wait.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from bipe.errors import CheckpointError
+from bipe.training.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +48,6 @@ def to_plain(obj: Any, key: str = "value") -> Any:
     raise TypeError(f"{key}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Never leaves a half-written checkpoint under the final name.
-
-    Writes to a hidden temp file in the same folder, fsyncs it, then `os.replace`s it over the
-    target (atomic on POSIX and Windows), and fsyncs the folder so the rename survives a crash.
-    A run killed mid-write leaves only a `.*.tmp` file, which nothing reads. Loading always uses
-    `weights_only=True`.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO does not take storage_options")
-        save_atomic(checkpoint, Path(path))
-
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location=map_location or "cpu")
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     """`torch.save(obj, path)` via a same-folder temp file, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +70,15 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") -> Path:
-    """`path` itself, or for a run folder its `checkpoints/last.ckpt`; `CheckpointError` if none."""
+    """`path` itself, or for a run folder its newest of `checkpoints/last.ckpt` and
+    `checkpoints/interrupted.ckpt` (written when training stopped on Ctrl-C or an error)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{key}={path} is a folder without checkpoints/last.ckpt")
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        found = [c for c in (folder / "last.ckpt", folder / "interrupted.ckpt") if c.is_file()]
+        if not found:
+            raise CheckpointError(f"{key}={path} is a folder without checkpoints/last.ckpt")
+        return max(found, key=lambda c: c.stat().st_mtime_ns)
     if not p.exists():
         raise CheckpointError(f"{key}={path} does not exist")
     return p
@@ -110,9 +95,8 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "checkpoint",
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "unreadable"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{key}={p} cannot be read (truncated or corrupted?): "
-                              f"{first}") from None
+                              f"{first_line(exc)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CHECKPOINT_KEY not in ckpt:
         raise CheckpointError(f"{key}={p} is not a checkpoint written by this project's train.py "
                               f"(no '{CHECKPOINT_KEY}' metadata)")

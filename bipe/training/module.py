@@ -76,7 +76,8 @@ class LanguageModel(L.LightningModule):
         if self._micro_step is not None and self._micro_step[0] == step:
             micro = self._micro_step[1] + 1
         self._micro_step = (step, micro)
-        torch.manual_seed(batch_seed(self.seed, step * self.trainer.accumulate_grad_batches + micro))
+        batch_number = step * self.trainer.accumulate_grad_batches + micro
+        torch.manual_seed(batch_seed(self.seed, batch_number))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         total, count = self._loss(batch)
@@ -101,8 +102,11 @@ class LanguageModel(L.LightningModule):
         groups = [{"params": [p for p in params if p.dim() >= 2],
                    "weight_decay": self.optim.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        # The fused kernel is ~5x faster than the default per-tensor loop on CPU (and fastest on
+        # CUDA); other devices keep PyTorch's default implementation.
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                      eps=self.optim.eps)
+                                      eps=self.optim.eps, fused=fused)
         schedule = functools.partial(
             lr_multiplier, max_steps=self.max_steps, warmup_steps=self.optim.warmup_steps,
             schedule=self.optim.schedule, min_lr_ratio=self.optim.min_lr_ratio,
@@ -124,6 +128,6 @@ class LanguageModel(L.LightningModule):
         # Resume the data where the checkpoint left it. The training loader is infinite and
         # deterministic (batch k = f(seed, k)); Lightning builds it after this hook, so setting
         # the start here makes its first batch the one the interrupted run would have drawn next.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "start_batch"):
-            datamodule.start_batch = checkpoint["global_step"] * self.trainer.accumulate_grad_batches
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "start_batch"):
+            dm.start_batch = checkpoint["global_step"] * self.trainer.accumulate_grad_batches

@@ -2,9 +2,9 @@
 
 Hydra already rejects an unknown group choice (`pe=foo`) and an override of a key that does not
 exist (`optim.lrr=1`). What reaches `validate_config` can still be wrong: a `+key=` addition, a typo
-in an experiment file, a value of the wrong type or range. The groups owned by other packages are
-checked by their own constructors (`ModelConfig`, `PEConfig`, `LMDataModule`); this module checks
-the keys the training code reads.
+in an experiment file, a value of the wrong type or range. The keys the training code reads are
+checked here; the model, PE and data groups by their own config classes (`ModelConfig`,
+`PEConfig`, `DataConfig`), called from here so that every check runs before any work starts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bipe.errors import ConfigError
+from bipe.training.builders import model_config
+from bipe.training.messages import first_line
 from bipe.training.schedule import SCHEDULES
+from data import DataConfig
+from data.config import TokenizerConfig
 
 TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "optim", "eval", "pe", "model", "data", "task",
                   "trainer", "logger", "callbacks", "paths")
@@ -120,7 +124,7 @@ def check_target_kwargs(node: Mapping[str, Any], prefix: str) -> None:
         obj: Callable[..., Any] = get_object(target)
     except Exception as exc:  # hydra wraps import errors in several types
         raise ConfigError(f"{prefix}._target_={target!r} cannot be imported: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     params = inspect.signature(obj).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
@@ -140,12 +144,16 @@ class RunSettings:
 
 
 def validate_config(cfg: DictConfig) -> RunSettings:
-    """Check every key the training code reads; raise `ConfigError` naming the first bad one."""
+    """Check the whole run config; raise `ConfigError` naming the first bad key.
+
+    Cheap checks first (keys, values, the data config, model shapes), then the `_target_`
+    configs, whose signatures need their modules imported.
+    """
     try:
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{key or 'config'}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key or 'config'}: {first_line(exc)}") from None
     assert isinstance(container, dict)
     container.pop("hydra", None)
     check_keys(container, list(TOP_LEVEL_KEYS), "")
@@ -170,16 +178,14 @@ def validate_config(cfg: DictConfig) -> RunSettings:
         raise ConfigError(f"task.name={task.get('name')!r} is unknown; choose one of {TASKS}")
     check_keys(container["paths"], ["root", "output_dir", "cache_dir"], "paths")
 
-    data = container["data"]
-    block_size = data.get("block_size")
-    if _number(block_size, "data.block_size", integer=True) < 2:
-        raise ConfigError(f"data.block_size={block_size} must be at least 2 (inputs are "
-                          "block_size tokens, targets the same shifted by one)")
-    if _number(data.get("batch_size"), "data.batch_size", integer=True) < 1:
-        raise ConfigError(f"data.batch_size={data.get('batch_size')} must be a positive integer")
+    # DataConfig only warns about unknown keys (a library default); a run refuses them.
+    check_keys(container["data"], [f.name for f in dataclasses.fields(DataConfig)], "data")
+    check_keys(container["data"].get("tokenizer") or {},
+               [f.name for f in dataclasses.fields(TokenizerConfig)], "data.tokenizer")
+    data = DataConfig.from_dict(container["data"])  # raises ConfigError naming data.*
+    block_size = data.block_size
 
     trainer = container["trainer"]
-    check_target_kwargs(trainer, "trainer")
     max_steps = trainer.get("max_steps", -1)
     if _number(max_steps, "trainer.max_steps", integer=True) < 1:
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer "
@@ -201,6 +207,11 @@ def validate_config(cfg: DictConfig) -> RunSettings:
         raise ConfigError("trainer.check_val_every_n_epoch must be null: the training loader "
                           "is infinite, validation runs every trainer.val_check_interval batches")
 
+    # The model and PE config, with the configured vocabulary standing in for the tokenizer's.
+    model_config(cfg)
+
+    # Last, as they import their targets (Lightning takes seconds to import).
+    check_target_kwargs(trainer, "trainer")
     logger = container["logger"] or {}
     if logger:
         check_target_kwargs(logger, "logger")

@@ -40,8 +40,8 @@ class TokenThroughput(L.Callback):
         seconds = sum(s for s, _ in self._batches)
         if seconds > 0:
             rate = sum(n for _, n in self._batches) / seconds
-            pl_module.log("train/tokens_per_sec", rate, on_step=True,
-                          prog_bar=True)
+            pl_module.log("train/tokens_per_sec", rate, on_step=True)
+            pl_module.log("tok/s", rate, on_step=True, prog_bar=True, logger=False)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # the gap spent validating is not training time

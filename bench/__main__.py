@@ -1,0 +1,47 @@
+"""`python -m bench [--quick|--full] [--out DIR] [--only SECTION ...]`; see bench/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from bench.runner import run
+from bench.settings import PROFILES, SECTIONS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                      help="small shape, seq 512, lengths up to 8k, contexts 1k/4k (default)")
+    mode.add_argument("--full", dest="profile", action="store_const", const="full",
+                      help="everything: also the 162M shape, seq 1024, lengths up to 32k, "
+                           "context 16k, BiPE in the long-context section")
+    mode.add_argument("--smoke", dest="profile", action="store_const", const="smoke",
+                      help="tiny shapes, one sample each (checks that every section runs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default outputs/bench/<timestamp>)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION", default=None,
+                   help=f"run only these sections: {', '.join(SECTIONS)}")
+    p.set_defaults(profile="quick")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    command = "python -m bench " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    md_path, json_path, md = run(PROFILES[args.profile], out, args.only or SECTIONS,
+                                 command=command.strip(),
+                                 echo=lambda s: print(s, file=sys.stderr, flush=True))
+    print(md)
+    print(f"[bench] wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Turn the validated config into the run's objects: model config, data, callbacks, logger, trainer.
+
+Each builder raises `BipeError` subclasses with one-line messages naming the config key. Heavy
+imports (torch, Lightning, the data pipeline) happen inside the builders that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bipe.errors import ConfigError
+from bipe.training.messages import first_line
+
+log = logging.getLogger(__name__)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_config(cfg: DictConfig, vocab_size: int | None = None) -> Any:
+    """`ModelConfig` from `cfg.model` and `cfg.pe`.
+
+    `model.vocab_size: null` takes the tokenizer's size; a larger value pads the embedding (e.g.
+    to a multiple of 64), a smaller one is an error. Without `vocab_size` (before the data is
+    built) the configured tokenizer size stands in, so shape errors surface before data work.
+    """
+    from models import ModelConfig
+
+    model = dict(_plain(cfg.model))
+    configured = model.get("vocab_size")
+    if vocab_size is None:
+        vocab_size = configured or cfg.data.tokenizer.vocab_size or 2
+    elif configured is not None and configured < vocab_size:
+        raise ConfigError(f"model.vocab_size={configured} is smaller than the tokenizer's "
+                          f"{vocab_size} tokens; leave it null to use the tokenizer's size")
+    model["vocab_size"] = configured or vocab_size
+    return ModelConfig.from_dict({**model, "pe": _plain(cfg.pe)})
+
+
+def datamodule(cfg: DictConfig, tokenizer_json: str | None = None,
+               output_dir: Path | None = None) -> Any:
+    """The prepared `LMDataModule` (cache built or reused, tokenizer loaded).
+
+    With `tokenizer_json` (the tokenizer of the checkpoint a run starts from) the data must be
+    tokenized by that tokenizer, or the embeddings would mean other tokens: if the configured
+    data yields a different one, it is re-packed with the checkpoint's (saved to
+    `output_dir/tokenizer.json`).
+    """
+    from data import LMDataModule
+
+    data_cfg = _plain(cfg.data)
+    dm = LMDataModule(data_cfg, seed=int(cfg.seed))
+    dm.prepare_data()
+    dm.setup("fit")
+    if tokenizer_json is None or dm.tokenizer.to_str() == tokenizer_json:
+        return dm
+    if data_cfg["tokenizer"].get("path"):
+        raise ConfigError(f"data.tokenizer.path={data_cfg['tokenizer']['path']} differs from the "
+                          "tokenizer of the checkpoint this run starts from; set it to null to "
+                          "use the checkpoint's tokenizer")
+    assert output_dir is not None
+    path = output_dir / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tokenizer_json)
+    log.warning("data=%s trains a different tokenizer than the checkpoint's; re-packing the data "
+                "with the checkpoint's tokenizer (%s)", data_cfg["name"], path)
+    data_cfg["tokenizer"] = {**data_cfg["tokenizer"], "path": str(path)}
+    dm = LMDataModule(data_cfg, seed=int(cfg.seed))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _instantiate(node: DictConfig, key: str) -> Any:
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except Exception as exc:  # hydra wraps the target's own error; keep its first line
+        raise ConfigError(f"{key}: {first_line(exc.__cause__ or exc)}") from exc
+
+
+def callbacks(cfg: DictConfig, with_logger: bool = True) -> list[Any]:
+    """Instantiate every entry of `cfg.callbacks` (null entries are switched off).
+
+    Without a logger (`logger=none`) the learning-rate monitor, which can only log, is left out.
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    built = [_instantiate(node, f"callbacks.{name}")
+             for name, node in (cfg.callbacks or {}).items() if node is not None]
+    return [c for c in built if with_logger or not isinstance(c, LearningRateMonitor)]
+
+
+def logger(cfg: DictConfig) -> Any:
+    """The configured Lightning logger, or False (`logger=none`)."""
+    if not cfg.logger or cfg.logger.get("_target_") is None:
+        return False
+    return _instantiate(cfg.logger, "logger")
+
+
+def trainer(cfg: DictConfig, callbacks: list[Any], logger: Any) -> Any:
+    """`cfg.trainer` as a Lightning Trainer that writes checkpoints atomically."""
+    from hydra.utils import get_class
+
+    from bipe.training.checkpoint_io import AtomicCheckpointIO
+
+    kwargs = _plain(cfg.trainer)
+    cls = get_class(kwargs.pop("_target_"))
+    try:
+        return cls(**kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+    except (ValueError, TypeError) as exc:  # MisconfigurationException is a ValueError
+        raise ConfigError(f"trainer: {first_line(exc)}") from exc

@@ -1,0 +1,150 @@
+"""Every file under conf/ composes and validates; a bad key or value fails naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from bipe.errors import ConfigError
+from bipe.training import builders
+from bipe.training.schema import validate_config
+from tests.conftest import CONF, compose_train
+
+GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment"]
+# data sources that need a key set to be valid at all
+NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_documented_options():
+    assert set(options("pe")) == {"nope", "sinusoidal", "learned", "rope", "alibi", "bipe_rope",
+                                  "bipe_alibi"}
+    assert {"tiny", "small", "base"} <= set(options("model"))
+    assert {"shakespeare", "python_code", "pg19", "pile", "text_files"} <= set(options("data"))
+    assert {"cpu", "gpu"} <= set(options("trainer"))
+    assert {"wandb", "csv", "none"} <= set(options("logger"))
+    assert {"smoke", "example"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize(("group", "option"),
+                         [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    cfg = compose_train([f"{group}={option}", *NEEDS.get((group, option), [])], tmp_path)
+    settings = validate_config(cfg)  # includes the model and PE config
+    model = builders.model_config(cfg)
+    assert settings.max_steps >= 1 and model.pe.name == cfg.pe.name
+    if group == "pe":
+        assert cfg.pe.name == option
+    # Nothing is left unresolved or missing.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_eval_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["ckpt=x.ckpt"])
+    assert cfg.logger._target_.endswith("wandb_logger") and cfg.paths.cache_dir
+
+
+def test_default_run_is_tiny_bipe_rope_on_shakespeare(tmp_path):
+    cfg = compose_train([], tmp_path)
+    choices_text = (cfg.pe.name, cfg.data.name, cfg.model.hidden_size, cfg.trainer.accelerator)
+    assert choices_text == ("bipe_rope", "shakespeare", 128, "cpu")
+    assert cfg.eval.lengths == [1, 2, 4, 8]
+    assert cfg.logger._target_.endswith("wandb_logger")
+
+
+def test_run_and_sweep_folders_are_unique_per_job():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["pe=alibi"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        run_dir = cfg.hydra.run.dir
+        assert "/outputs/" in run_dir and run_dir.endswith("_alibi_tiny_shakespeare")
+        sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+        assert sweep["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+        assert "data.glob" in cfg.hydra.job.config.override_dirname.exclude_keys
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("+optim.lrr=0.1", "optim.lrr"),
+    ("+trainer.max_step=5", "trainer.max_step"),
+    ("+logger.projct=x", "logger.projct"),
+    ("+callbacks.model_checkpoint.monitr=x", "callbacks.model_checkpoint.monitr"),
+    ("+foo=1", "foo"),
+    ("+eval.length=[1]", "eval.length"),
+    ("+data.blocksize=64", "data.blocksize"),
+    ("+model.hidden=64", "model.hidden"),
+])
+def test_unknown_key_fails_naming_it(override, key, tmp_path):
+    cfg = compose_train([override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr; did you mean 'lr'\?"):
+        validate_config(compose_train(["+optim.lrr=0.1"], tmp_path))
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("optim.schedule=exponential", "optim.schedule"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+    ("optim.warmup_steps=1.5", "optim.warmup_steps"),
+    ("trainer.max_steps=-1", "trainer.max_steps"),
+    ("trainer.accumulate_grad_batches=3", "trainer.val_check_interval"),
+    ("trainer.check_val_every_n_epoch=1", "trainer.check_val_every_n_epoch"),
+    ("eval.lengths=[1,0]", "eval.lengths"),
+    ("task.name=translation", "task.name"),
+    ("data.block_size=1", "data.block_size"),
+    ("seed=abc", "seed"),
+])
+def test_bad_value_fails_naming_the_key(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(compose_train([override], tmp_path))
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.hidden_size=100", "model.hidden_size"),  # head size 25: odd, RoPE needs pairs
+    ("model.n_heads=3", "model.n_heads"),  # 128 is not divisible by 3
+    ("pe.absolute.type=relative", "pe.absolute.type"),
+])
+def test_bad_model_shape_fails_validation(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(compose_train([override], tmp_path))
+
+
+def test_both_ckpt_path_and_init_from_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt_path.*init_from"):
+        validate_config(compose_train(["ckpt_path=a.ckpt", "init_from=b.ckpt"], tmp_path))
+
+
+def test_unknown_group_choice_lists_the_valid_ones(tmp_path):
+    with pytest.raises(MissingConfigException) as err:
+        compose_train(["pe=bipe_rop"], tmp_path)
+    assert "bipe_rope" in str(err.value) and "alibi" in str(err.value)
+
+
+def test_override_of_a_missing_key_is_refused_by_hydra(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["optim.lrr=0.1"], tmp_path)
+    assert "optim.lrr" in str(err.value)
+
+
+def test_config_files_have_no_stray_keys():
+    # Every top-level key of train.yaml is one the schema knows (so a typo there fails too).
+    from bipe.training.schema import TOP_LEVEL_KEYS
+
+    text = OmegaConf.load(Path(CONF) / "train.yaml")
+    assert set(text) - {"defaults"} <= set(TOP_LEVEL_KEYS)

@@ -1,0 +1,43 @@
+"""A real multirun: separate folders and separate W&B runs per job, in one W&B group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_job_its_own_folder_and_wandb_run(corpus, cache_dir, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "HF_DATASETS_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "pe=rope,bipe_rope", "experiment=smoke",
+         "data=text_files", f"data.glob={corpus}", f"paths.cache_dir={cache_dir}",
+         "logger=wandb", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0_data=text_files,experiment=smoke,logger=wandb,pe=rope",
+                                      "1_data=text_files,experiment=smoke,logger=wandb,"
+                                      "pe=bipe_rope"]
+    runs = []
+    for job, pe in zip(jobs, ["rope", "bipe_rope"], strict=True):
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 6 and ckpt["bipe"]["model_config"]["pe"]["name"] == pe
+        assert json.loads((job / "length_eval.json").read_text())["pe"] == pe
+        run = json.loads((job / "wandb_run.json").read_text())
+        assert run["mode"] == "offline" and run["name"].endswith(f"pe={pe}")
+        offline = list((job / "wandb").glob(f"offline-run-*-{run['id']}"))
+        assert len(offline) == 1 and any(offline[0].glob("*.wandb"))  # its own run files
+        runs.append(run)
+    assert runs[0]["id"] != runs[1]["id"]
+    assert runs[0]["group"] == runs[1]["group"] == "_".join(sweep.parts[-2:])

@@ -1,0 +1,138 @@
+"""Pretrain a decoder with a chosen positional encoding, then measure length extrapolation.
+
+    python train.py                                   # tiny BiPE-RoPE on Shakespeare, CPU, minutes
+    python train.py pe=bipe_alibi data=python_code model=small trainer=gpu
+    python train.py -m pe=rope,alibi,bipe_rope,bipe_alibi     # a sweep: one folder + W&B run each
+    python train.py ckpt_path=outputs/<day>/<run>             # resume that run exactly
+    python train.py init_from=<ckpt> optim.lr=2e-5            # a new run starting from its weights
+
+compose (Hydra, conf/train.yaml) -> validate -> data -> model -> fit -> perplexity at 1x..8x the
+training length. A bad config, data or checkpoint ends the run before any long work with one
+`error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("BIPE_ROOT", str(ROOT))  # conf/paths/default.yaml: paths.root
+
+log = logging.getLogger("train")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One run from a composed config; returns the final metrics."""
+    # Imports come as late as they can: Hydra's own errors (an unknown `pe=` choice, a misspelled
+    # override) answer before torch loads, and config errors before Lightning does.
+    from bipe.training import builders
+    from bipe.training.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
+    from bipe.training.resume import check_resume
+    from bipe.training.schema import validate_config
+
+    # 1. Everything that can be checked without data: config keys, model shapes, checkpoints.
+    settings = validate_config(cfg)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = Path(cfg.paths.output_dir)
+    start = cfg.ckpt_path or cfg.init_from
+    start_ckpt = None
+    if start:
+        start_ckpt = load_checkpoint(start, key="ckpt_path" if cfg.ckpt_path else "init_from")
+        if cfg.ckpt_path:
+            check_resume(start_ckpt, builders.model_config(cfg).to_dict(), run_config,
+                         cfg.ckpt_path)
+
+    import lightning as L
+
+    from bipe.training.job import tidy_lightning_output
+    from bipe.training.length_eval import evaluate_lengths, format_table
+    from bipe.training.module import LanguageModel
+    from bipe.training.throughput import TokenThroughput
+    from bipe.training.wandb_logger import record_run
+
+    tidy_lightning_output()
+
+    # 2. The run's objects. The trainer comes before the data so its config errors come first.
+    L.seed_everything(cfg.seed, workers=True)
+    logger = builders.logger(cfg)
+    callbacks = builders.callbacks(cfg, with_logger=bool(logger))
+    trainer = builders.trainer(cfg, callbacks, logger)
+    dm = builders.datamodule(
+        cfg, start_ckpt[CHECKPOINT_KEY]["tokenizer"] if start_ckpt else None, output_dir)
+    model_cfg = builders.model_config(cfg, vocab_size=dm.tokenizer.get_vocab_size())
+    metadata = {"tokenizer": dm.tokenizer.to_str(), "data_stats": dm.stats,
+                "run_config": run_config}
+    module = LanguageModel(model_cfg, settings.optim, max_steps=settings.max_steps,
+                           seed=cfg.seed, metadata=metadata)
+    if cfg.init_from:
+        load_weights(module.model, start_ckpt, cfg.init_from)
+        log.info("initialised weights from %s (step %s of that run); optimizer and schedule "
+                 "start fresh", cfg.init_from, start_ckpt.get("global_step"))
+    del start_ckpt  # Lightning reads the resume checkpoint itself; don't hold two copies
+
+    n_params = module.model.num_parameters()
+    log.info("model: %s parameters (%s without the embedding), pe=%s", f"{n_params:,}",
+             f"{module.model.num_parameters(non_embedding=True):,}", cfg.pe.name)
+    for lg in trainer.loggers:
+        lg.log_hyperparams({**run_config, "n_parameters": n_params})
+        if hasattr(lg, "wandb_mode"):
+            record_run(lg, output_dir / "wandb_run.json")
+
+    # 3. Train. Resuming restores weights, optimizer, schedule and loop state; the module's
+    # on_load_checkpoint moves the data stream to the checkpoint's batch.
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and module.last_saved_step != trainer.global_step:
+        trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")  # steps after the last val
+
+    # 4. Perplexity at multiples of the training length, with the final weights.
+    device = trainer.strategy.root_device
+    module.to(device)
+    results = evaluate_lengths(
+        module.model, dm, settings.block_size, settings.eval.lengths, split=settings.eval.split,
+        tokens_per_batch=cfg.data.batch_size * settings.block_size,
+        batch_size=settings.eval.batch_size, max_blocks=settings.eval.max_blocks, device=device,
+        precision=cfg.trainer.precision)
+    metrics: dict[str, Any] = {f"eval/ppl_{r.multiple}x": r.ppl for r in results}
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k in ("val/loss", "val/ppl")})
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if v is not None},
+                       step=trainer.global_step)
+        lg.save()
+    (output_dir / "length_eval.json").write_text(json.dumps(
+        {"pe": cfg.pe.name, "block_size": settings.block_size, "split": settings.eval.split,
+         "global_step": trainer.global_step, "results": [r.to_dict() for r in results]},
+        indent=2))
+
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
+    print()
+    print(format_table(results, f"{settings.eval.split} perplexity vs length: pe={cfg.pe.name}, "
+                                f"trained on {settings.block_size}-token blocks, "
+                                f"step {trainer.global_step}"))
+    if throughput is not None and throughput.total_tokens:
+        metrics["train/tokens_per_sec"] = throughput.tokens_per_sec
+        print(f"trained on {throughput.total_tokens:,} tokens in {throughput.train_seconds:.0f} s "
+              f"({throughput.tokens_per_sec:,.0f} tokens/s)")
+    print(f"run folder: {output_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the final validation loss (for sweepers that optimise it)."""
+    from bipe.training.job import run_job  # imports torch (see `train`)
+
+    metrics = run_job(train, cfg)
+    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

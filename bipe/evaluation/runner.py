@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,22 @@ def _modes(setting: Any) -> list[bool]:
     raise ConfigError(f"eval.lm_infinite.enabled={setting!r}: choose true, false or both")
 
 
+def attention_variants(cfg: DictConfig, lm: LoadedModel) -> Iterator[tuple[str, bool]]:
+    """Yield `(tag, uses_lm_infinite)` with `lm.model.attention` set for each requested variant
+    (plain, LM-Infinite or both); the plain setting is restored afterwards."""
+    try:
+        for use_lmi in _modes(cfg.eval.lm_infinite.enabled):
+            lmi = lm_infinite_settings(cfg, lm) if use_lmi else None
+            if use_lmi and lmi is None:
+                log.info("%s has no relative encoding: LM-Infinite does not apply", lm.label)
+                continue
+            lm.model.attention = AttentionOptions(chunk_size=cfg.eval.chunk_size,
+                                                  lm_infinite=lmi)
+            yield (f"{lm.label}+lminf" if use_lmi else lm.label), use_lmi
+    finally:
+        lm.model.attention = AttentionOptions()
+
+
 def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.device,
                    cache_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
     e = cfg.eval
@@ -216,13 +233,7 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
         lengths = resolve_lengths(list(e.lengths), e.length_unit, lm.train_length)
         for dataset in e.datasets:
             ids, boundary, _ = load_stream(lm, dataset, e.split, e.max_tokens, cache_dir)
-            for use_lmi in _modes(e.lm_infinite.enabled):
-                lmi = lm_infinite_settings(cfg, lm) if use_lmi else None
-                if use_lmi and lmi is None:
-                    log.info("%s has no relative encoding: LM-Infinite does not apply", lm.label)
-                    continue
-                lm.model.attention = AttentionOptions(chunk_size=e.chunk_size, lm_infinite=lmi)
-                tag = f"{lm.label}+lminf" if use_lmi else lm.label
+            for tag, use_lmi in attention_variants(cfg, lm):
                 for length in lengths:
                     batch = max(1, int(e.batch_tokens) // length)
                     t0 = time.perf_counter()
@@ -242,7 +253,6 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                     if e.protocol == "blocks" and length == max(lengths):
                         counts = np.maximum(res.count_by_position, 1)
                         by_position[f"{tag} [{dataset}]"] = res.nll_by_position / counts
-                lm.model.attention = AttentionOptions()
     return rows, by_position
 
 
@@ -254,18 +264,11 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
         lengths = resolve_lengths(list(p.lengths), cfg.eval.length_unit, lm.train_length)
         _, _, seps = load_stream(lm, cfg.eval.datasets[0], cfg.eval.split, cfg.eval.max_tokens,
                                  cache_dir)
-        for use_lmi in _modes(cfg.eval.lm_infinite.enabled):
-            lmi = lm_infinite_settings(cfg, lm) if use_lmi else None
-            if use_lmi and lmi is None:
-                continue
-            lm.model.attention = AttentionOptions(chunk_size=cfg.eval.chunk_size,
-                                                  lm_infinite=lmi)
-            tag = f"{lm.label}+lminf" if use_lmi else lm.label
+        for tag, _ in attention_variants(cfg, lm):
             for row in passkey_accuracy(lm.model, lm.tokenizer, lengths, list(p.depths),
                                         trials=p.trials, seed=cfg.seed, separator_ids=seps,
                                         device=device):
                 rows.append({"model": tag, **row})
-            lm.model.attention = AttentionOptions()
     return rows
 
 
@@ -279,18 +282,11 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
             need = max(prefixes) + g.new_tokens
             ids, boundary, seps = load_stream(lm, dataset, cfg.eval.split,
                                               max(cfg.eval.max_tokens or 0, need), cache_dir)
-            for use_lmi in _modes(cfg.eval.lm_infinite.enabled):
-                lmi = lm_infinite_settings(cfg, lm) if use_lmi else None
-                if use_lmi and lmi is None:
-                    continue
-                lm.model.attention = AttentionOptions(chunk_size=cfg.eval.chunk_size,
-                                                      lm_infinite=lmi)
-                tag = f"{lm.label}+lminf" if use_lmi else lm.label
+            for tag, _ in attention_variants(cfg, lm):
                 for row in generation_quality(lm.model, lm.tokenizer, ids, boundary, prefixes,
                                               new_tokens=g.new_tokens, samples=g.samples,
                                               separator_ids=seps, device=device):
                     rows.append({"model": tag, "dataset": dataset, **row})
-                lm.model.attention = AttentionOptions()
     return rows
 
 

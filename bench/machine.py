@@ -111,25 +111,37 @@ def run_ceiling(profile: Profile, training: SectionResult | None) -> SectionResu
     if training is None or not training.records:
         res.notes.append("MFU: section 1 (training) did not run in this invocation")
     else:
-        mfu = Table("MFU = (6 × N + 12 × n_layers × hidden × T) × tokens/s ÷ median matmul "
-                    "peak of the same dtype; N = parameters in matmuls (all but the input "
-                    "embedding; the LM head counts)",
-                    ["shape", "contender", "seq", "precision", "N", "GFLOP/s achieved", "MFU"])
+        mfu = Table("MFU = (6 × N + 12 × n_layers × hidden × T) × tokens/s ÷ matmul peak of "
+                    "the same dtype measured in the same interleaved rounds as the training "
+                    "steps; N = parameters in matmuls (all but the input embedding; the LM head "
+                    "counts)",
+                    ["shape", "contender", "seq", "precision", "N", "GFLOP/s achieved",
+                     "peak GFLOP/s alongside", "MFU", "MFU vs table above"])
         for r in training.records:
             rate = r.get("median_tokens_per_s")
             if not rate:
                 continue
             achieved = r["flops_per_token"] * rate / 1e9
-            m = achieved / peak[r["precision"]]["median_gflops"]
+            alongside = r.get("median_matmul_gflops") or peak[r["precision"]]["median_gflops"]
+            m = achieved / alongside
+            m_here = achieved / peak[r["precision"]]["median_gflops"]
             res.records.append({"what": "mfu", "shape": r["shape"], "contender": r["contender"],
                                 "seq": r["seq"], "precision": r["precision"],
                                 "matmul_params": r["matmul_params"],
-                                "median_achieved_gflops": achieved, "median_mfu": m})
+                                "median_achieved_gflops": achieved,
+                                "median_peak_gflops_alongside": alongside, "median_mfu": m,
+                                "median_mfu_vs_section_peak": m_here})
             mfu.add(r["shape"], r["contender"], r["seq"], r["precision"],
-                    f"{r['matmul_params']:,}", fmt(achieved, 3), f"{m:.1%}")
+                    f"{r['matmul_params']:,}", fmt(achieved, 3), fmt(alongside, 3), f"{m:.1%}",
+                    f"{m_here:.1%}")
         res.tables.append(mfu)
-        res.notes.append("target (issue 7): MFU of the small training shape ≥ 40% of the "
-                         "measured matmul peak")
+        res.notes += [
+            "target (issue 7): MFU of the small training shape ≥ 40% of the measured matmul "
+            "peak",
+            "the peak alongside (3 matmuls of the size above per sample, interleaved with the "
+            "training steps of section 1) shares the steps' machine load, so their ratio holds "
+            "on a busy machine; the last column divides by this section's own peak instead",
+        ]
     res.notes.append(f"matmul: median of {profile.matmul_reps} calls per dtype after 2 warm-up "
                      "calls, fp32 and bf16 interleaved; 2 n³ FLOPs per call")
     return res

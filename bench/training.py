@@ -63,6 +63,29 @@ def random_batch(shape: Shape, seq: int, segment_mean: float | None = None,
     return ids, targets, boundary
 
 
+MATMUL = "matmul"  # the pseudo-contender that samples the machine's matmul ceiling
+MATMULS_PER_CALL = 3
+
+
+def matmul_call(n: int, precision: str) -> Callable[[], object]:
+    """`MATMULS_PER_CALL` products of two `n x n` matrices in fp32 or bf16 (one sample)."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+
+    def call() -> None:
+        for _ in range(MATMULS_PER_CALL):
+            torch.mm(a, b)
+
+    return call
+
+
+def matmul_gflops(n: int, seconds: float) -> float:
+    """GFLOP/s of one `matmul_call` that took `seconds`."""
+    return MATMULS_PER_CALL * 2.0 * n ** 3 / seconds / 1e9
+
+
 def flops_per_token(matmul_params: int, shape: Shape, seq: int) -> float:
     """Training FLOPs per token: 6 N (forward + backward of the weight matmuls) plus attention
     scores and values, 12 * n_layers * hidden * T (PaLM's rule; causal masking not discounted)."""
@@ -138,10 +161,12 @@ def run_training(profile: Profile) -> SectionResult:
                                                        weight_decay=0.01))
             for seq in run.seq_lens:
                 ids, targets, _ = random_batch(shape, seq)
-                fns = {(n, p): train_step(b.contender, b.optimizer, ids, targets, None, p)
+                fns = {f"{n}|{p}": train_step(b.contender, b.optimizer, ids, targets, None, p)
                        for n, b in built.items() for p in profile.precisions}
-                got = interleave({f"{n}|{p}": fn for (n, p), fn in fns.items()},
-                                 warmup=run.warmup, reps=run.reps)
+                # The machine's matmul ceiling, sampled in the same rounds (for the MFU).
+                fns.update({f"{MATMUL}|{p}": matmul_call(profile.matmul_n, p)
+                            for p in profile.precisions})
+                got = interleave(fns, warmup=run.warmup, reps=run.reps)
                 for key, s in got.items():
                     n, p = key.split("|")
                     samples[(seq, n, p, gi)] = s
@@ -165,6 +190,8 @@ def run_training(profile: Profile) -> SectionResult:
                     mine_t = median(samples[(seq, n, p, gi)])
                     r = ratio(mine_t, ours_t)
                     ratios.append(r)
+                    mm = [x for (q, m, pp, _), s in samples.items()
+                          if (q, m, pp) == (seq, MATMUL, p) for x in s]
                     res.records.append({
                         "shape": shape.name, "shape_spec": shape.describe(), "seq": seq,
                         "contender": n, "precision": p, "params": params,
@@ -173,6 +200,8 @@ def run_training(profile: Profile) -> SectionResult:
                         "samples_step_s": pooled, "median_step_s": median(pooled),
                         "median_tokens_per_s": rate, "ours_speedup": r, "note": note,
                         "n_layers": shape.n_layers, "hidden": shape.hidden,
+                        "samples_matmul_s": mm, "matmul_n": profile.matmul_n,
+                        "median_matmul_gflops": matmul_gflops(profile.matmul_n, median(mm)),
                     })
                 table.add(n, f"{params:,}", f"{delta:+.2%}", seq,
                           *[fmt(r, 3) for r in rates], *[fmt(r, 3) + "×" if r else "-"

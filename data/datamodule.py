@@ -134,7 +134,22 @@ def _windows(stream: SplitStream, starts: np.ndarray, length: int) -> dict[str, 
     }
 
 
-class TrainBatches(IterableDataset):
+class BatchStream(IterableDataset):
+    """An infinite stream where batch k is `self.batch(k)`, a function of k alone; workers take
+    every `num_workers`-th batch, so the order is the same with any worker count."""
+
+    start_batch: int = 0  # subclasses set it and define `batch(k) -> dict[str, Tensor]`
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        k = self.start_batch + (info.id if info is not None else 0)
+        step = info.num_workers if info is not None else 1
+        while True:
+            yield self.batch(k)
+            k += step
+
+
+class TrainBatches(BatchStream):
     """Infinite stream of training batches; batch k depends only on (seed, k)."""
 
     def __init__(self, stream: SplitStream, block_size: int, batch_size: int, seed: int,
@@ -167,13 +182,6 @@ class TrainBatches(IterableDataset):
         starts = self.block_indices(k) * self.block_size
         return _windows(self.stream, starts, self.block_size)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        k = self.start_batch + (info.id if info is not None else 0)
-        step = info.num_workers if info is not None else 1
-        while True:
-            yield self.batch(k)
-            k += step
 
 
 class BlockDataset(Dataset):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -35,9 +35,10 @@ import lightning as L
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from bipe.errors import ConfigError
+from data.datamodule import BatchStream
 
 from .example import IGNORE_INDEX, EncodedExample
 from .metrics import arithmetic_accuracy, bi_nfa_accuracy
@@ -76,7 +77,7 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, Tensor
     return batch
 
 
-class TrainBatches(IterableDataset):
+class TrainBatches(BatchStream):
     """Infinite stream of training batches; batch k depends only on (seed, k)."""
 
     def __init__(self, task: ArithmeticTask | BiNFATask, batch_size: int, seed: int,
@@ -101,13 +102,6 @@ class TrainBatches(IterableDataset):
         """Global batch k, collated."""
         return collate(self.examples(k), self.task.pad_id)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        info = get_worker_info()
-        k = self.start_batch + (info.id if info is not None else 0)
-        step = info.num_workers if info is not None else 1
-        while True:
-            yield self.batch(k)
-            k += step
 
 
 class FixedExamples(Dataset):

@@ -13,6 +13,7 @@ training length. A bad config, data or checkpoint ends the run before any long w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,22 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("BIPE_ROOT", str(ROOT))  # conf/paths/default.yaml: paths.root
 
 log = logging.getLogger("train")
+
+
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A sweep job's folder name (`conf/hydra/default.yaml`: `<num>_${bipe.dirname:<overrides>}`).
+
+    File systems cap a name at 255 bytes and a job with a dozen overrides passes that, which
+    would crash the job when Hydra makes its folder: names longer than `limit` characters become
+    their first characters + `~` + a hash of the whole string, so they stay unique.
+    """
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 11]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+
+
+if not OmegaConf.has_resolver("bipe.dirname"):  # defined here: train.py must not import torch
+    OmegaConf.register_new_resolver("bipe.dirname", short_dirname)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -52,10 +69,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
     from bipe.training.job import tidy_lightning_output
-    from bipe.training.length_eval import evaluate_lengths, format_table
     from bipe.training.module import LanguageModel
+    from bipe.training.task_module import TaskModel
     from bipe.training.throughput import TokenThroughput
     from bipe.training.wandb_logger import record_run
+    from data.synthetic.tasks import MAIN_METRIC
 
     tidy_lightning_output()
 
@@ -69,8 +87,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = builders.model_config(cfg, vocab_size=dm.tokenizer.get_vocab_size())
     metadata = {"tokenizer": dm.tokenizer.to_str(), "data_stats": dm.stats,
                 "run_config": run_config}
-    module = LanguageModel(model_cfg, settings.optim, max_steps=settings.max_steps,
-                           seed=cfg.seed, metadata=metadata)
+    module_args = (model_cfg, settings.optim)
+    module_kwargs = {"max_steps": settings.max_steps, "seed": cfg.seed, "metadata": metadata}
+    if cfg.task.name == "lm":
+        module = LanguageModel(*module_args, **module_kwargs)
+    else:
+        module = TaskModel(*module_args, **module_kwargs, val_names=dm.val_names, score=dm.score,
+                           main_metric=MAIN_METRIC[dm.task_name])
     if cfg.init_from:
         load_weights(module.model, start_ckpt, cfg.init_from)
         log.info("initialised weights from %s (step %s of that run); optimizer and schedule "
@@ -92,37 +115,72 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None and module.last_saved_step != trainer.global_step:
         trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")  # steps after the last val
 
-    # 4. Perplexity at multiples of the training length, with the final weights.
+    # 4. The final measurement, with the final weights: perplexity at multiples of the training
+    # length, or the task's metrics on its test sets.
     device = trainer.strategy.root_device
     module.to(device)
-    results = evaluate_lengths(
-        module.model, dm, settings.block_size, settings.eval.lengths, split=settings.eval.split,
-        tokens_per_batch=cfg.data.batch_size * settings.block_size,
-        batch_size=settings.eval.batch_size, max_blocks=settings.eval.max_blocks, device=device,
-        precision=cfg.trainer.precision)
-    metrics: dict[str, Any] = {f"eval/ppl_{r.multiple}x": r.ppl for r in results}
+    if cfg.task.name == "lm":
+        metrics, table = _length_eval(cfg, settings, module, dm, trainer, device)
+    else:
+        metrics, table = _task_eval(cfg, module, dm, trainer, device)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
                     if k in ("val/loss", "val/ppl")})
     for lg in trainer.loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if v is not None},
                        step=trainer.global_step)
         lg.save()
-    (output_dir / "length_eval.json").write_text(json.dumps(
-        {"pe": cfg.pe.name, "block_size": settings.block_size, "split": settings.eval.split,
-         "global_step": trainer.global_step, "results": [r.to_dict() for r in results]},
-        indent=2))
 
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     print()
-    print(format_table(results, f"{settings.eval.split} perplexity vs length: pe={cfg.pe.name}, "
-                                f"trained on {settings.block_size}-token blocks, "
-                                f"step {trainer.global_step}"))
+    print(table)
     if throughput is not None and throughput.total_tokens:
         metrics["train/tokens_per_sec"] = throughput.tokens_per_sec
         print(f"trained on {throughput.total_tokens:,} tokens in {throughput.train_seconds:.0f} s "
               f"({throughput.tokens_per_sec:,.0f} tokens/s)")
     print(f"run folder: {output_dir}")
     return metrics
+
+
+def _length_eval(cfg: DictConfig, settings: Any, module: Any, dm: Any, trainer: Any,
+                 device: Any) -> tuple[dict[str, Any], str]:
+    """Perplexity at `eval.lengths` x the training length -> (metrics, printed table);
+    writes `length_eval.json`."""
+    from bipe.training.length_eval import evaluate_lengths, format_table
+
+    results = evaluate_lengths(
+        module.model, dm, settings.block_size, settings.eval.lengths, split=settings.eval.split,
+        tokens_per_batch=cfg.data.batch_size * settings.block_size,
+        batch_size=settings.eval.batch_size, max_blocks=settings.eval.max_blocks, device=device,
+        precision=cfg.trainer.precision)
+    (Path(cfg.paths.output_dir) / "length_eval.json").write_text(json.dumps(
+        {"pe": cfg.pe.name, "block_size": settings.block_size, "split": settings.eval.split,
+         "global_step": trainer.global_step, "results": [r.to_dict() for r in results]},
+        indent=2))
+    table = format_table(results, f"{settings.eval.split} perplexity vs length: pe={cfg.pe.name}, "
+                                  f"trained on {settings.block_size}-token blocks, "
+                                  f"step {trainer.global_step}")
+    return {f"eval/ppl_{r.multiple}x": r.ppl for r in results}, table
+
+
+def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
+               device: Any) -> tuple[dict[str, Any], str]:
+    """The task's metrics on its test sets -> (metrics, printed table); writes `task_eval.json`
+    (what `python -m bipe.evaluation.task_summary` gathers from a sweep)."""
+    from bipe.training.task_module import evaluate_task, format_task_table
+
+    rows = evaluate_task(module.model, dm.test_dataloader(), dm.val_names, dm.score, device)
+    (Path(cfg.paths.output_dir) / "task_eval.json").write_text(json.dumps(
+        {"task": dm.task_name, "pe": cfg.pe.name, "model": module.model_config.to_dict(),
+         "n_parameters": module.model.num_parameters(), "seed": cfg.seed,
+         "global_step": trainer.global_step, "task_config": dict(dm.cfg), "split": "test",
+         "results": rows}, indent=2))
+    metrics = {f"test/{r['setting']}/{k}": r[k] for r in rows
+               for k in ("loss", "accuracy", "exact", "token_accuracy", "sequence_accuracy")
+               if k in r}
+    table = format_task_table(rows, f"test {dm.task_name}: pe={cfg.pe.name}, "
+                                    f"hidden {module.model_config.hidden_size}, "
+                                    f"step {trainer.global_step}")
+    return metrics, table
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -123,28 +123,53 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None,
 def generate(model: torch.nn.Module, input_ids: Tensor, boundary: Tensor | None = None, *,
              max_new_tokens: int, separator_ids: Iterable[int] = (), temperature: float = 0.0,
              top_k: int | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None,
+             prompt_lengths: Tensor | None = None) -> Tensor:
     """Continue `input_ids` `[B, T]` by up to `max_new_tokens` -> `[B, T + n]`.
 
     `boundary`: the prompt's flags (bool `[B, T]`); when None they come from `separator_ids`,
     as do the flags of generated tokens. Greedy at `temperature=0`. Rows that emitted `eos_id`
     keep emitting it; decoding stops when every row has.
+
+    Prompts of different lengths: with `prompt_lengths` (long `[B]`, right-padded `input_ids`),
+    row r's prompt is `input_ids[r, :prompt_lengths[r]]` and its continuation starts right after
+    it, at position `prompt_lengths[r]` of the output, as if each row were decoded alone: all
+    rows advance one position per step, a row still inside its prompt is fed its next prompt
+    token instead of a sample, so no row ever holds padding and every encoding sees exact
+    positions. The output has `max(prompt_lengths) + max_new_tokens` columns at most; a row's
+    tokens past `prompt_lengths[r] + max_new_tokens` are further samples, for the caller to
+    ignore. With `eos_id`, decoding stops once every row has emitted it after its prompt.
     """
     separator_ids = list(separator_ids)
     if boundary is None and separator_ids:
         boundary = boundaries_from_separators(input_ids, separator_ids)
+    B, T = input_ids.shape
+    if prompt_lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
+    else:
+        lengths = prompt_lengths.to(device=input_ids.device, dtype=torch.long)
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"prompt_lengths must be in 1..{T} (the width of input_ids)")
+    start = int(lengths.min()) if B else T
+    end = (int(lengths.max()) if B else T) + max_new_tokens  # exclusive: output width at most
     cache = KVCache.for_model(model)
-    logits = model(input_ids, boundary, cache=cache)[:, -1]
-    out = [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
+    prefix_flags = None if boundary is None else boundary[:, :start]
+    logits = model(input_ids[:, :start], prefix_flags, cache=cache)[:, -1]
+    out = [input_ids[:, :start]]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for t in range(start, end):
         token = _next_token(logits, temperature, top_k, generator)
+        forced = (t < lengths) if t < T else None  # rows still inside their prompt
+        if forced is not None:
+            token = torch.where(forced, input_ids[:, t], token)
         if eos_id is not None:
             token = torch.where(done, eos_id, token)
-            done |= token == eos_id
+            done |= token == eos_id if forced is None else (token == eos_id) & ~forced
         out.append(token[:, None])
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+        if t == end - 1 or (eos_id is not None and bool(done.all())):
             break
         flag = boundaries_from_separators(token[:, None], separator_ids)
+        if forced is not None and boundary is not None:
+            flag = torch.where(forced[:, None], boundary[:, t : t + 1], flag)
         logits = model(token[:, None], flag, cache=cache)[:, -1]
     return torch.cat(out, dim=1)

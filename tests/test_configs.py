@@ -17,7 +17,8 @@ from tests.conftest import CONF, compose_train
 
 GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment"]
 # data sources that need a key set to be valid at all
-NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"]}
+NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"],
+         ("data", "synthetic"): ["task=arithmetic"]}  # the synthetic tasks' own data node
 
 
 def options(group: str) -> list[str]:
@@ -69,7 +70,7 @@ def test_run_and_sweep_folders_are_unique_per_job():
         run_dir = cfg.hydra.run.dir
         assert "/outputs/" in run_dir and run_dir.endswith("_alibi_tiny_shakespeare")
         sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-        assert sweep["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+        assert sweep["subdir"] == "${hydra.job.num}_${bipe.dirname:${hydra.job.override_dirname}}"
         assert "data.glob" in cfg.hydra.job.config.override_dirname.exclude_keys
     finally:
         HydraConfig.instance().cfg = None
@@ -148,3 +149,14 @@ def test_config_files_have_no_stray_keys():
 
     text = OmegaConf.load(Path(CONF) / "train.yaml")
     assert set(text) - {"defaults"} <= set(TOP_LEVEL_KEYS)
+
+
+def test_sweep_job_folder_names_stay_short_and_unique():
+    from train import short_dirname
+
+    assert short_dirname("pe=rope,seed=1") == "pe=rope,seed=1"
+    long_a = ",".join(f"task.key{i}={i}" for i in range(40))
+    long_b = long_a.replace("key39=39", "key39=40")
+    a, b = short_dirname(long_a), short_dirname(long_b)
+    assert len(a) == len(b) == 120 and a != b and a.startswith("task.key0=0,")
+

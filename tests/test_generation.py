@@ -46,6 +46,31 @@ def test_greedy_generate_agrees_with_full_forward(name):
     assert torch.equal(logits[:, 9:-1].argmax(-1), out[:, 10:])
 
 
+@pytest.mark.parametrize("name", ["rope", "alibi", "bipe_rope", "bipe_alibi", "learned"])
+def test_prompts_of_different_lengths_decode_as_if_alone(name):
+    """`prompt_lengths`: one batched call gives every row what decoding it alone gives, with
+    prompt boundaries taken from `boundary` and the padding after a short prompt never read."""
+    model = tiny_model(name, train_len=64)
+    separators = list(range(0, 61, 3))
+    ids, boundary = random_batch(3, 12, p_boundary=0.3)
+    lengths = torch.tensor([12, 4, 7])
+    padded = ids.clone()
+    padded[1, 4:] = 7  # whatever sits past a prompt must not matter
+    padded[2, 7:] = 11
+    eos = 5
+    out = generate(model, padded, boundary, max_new_tokens=9, separator_ids=separators,
+                   eos_id=eos, prompt_lengths=lengths)
+    for r, p in enumerate(lengths.tolist()):
+        alone = generate(model, ids[r : r + 1, :p], boundary[r : r + 1, :p], max_new_tokens=9,
+                         separator_ids=separators, eos_id=eos)[0]
+        n = min(alone.numel(), out.shape[1])
+        assert torch.equal(out[r, :n], alone[:n]), r
+        if alone.numel() > out.shape[1]:  # the batch stopped early: every row had its eos
+            assert (alone[n:] == eos).all()
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(model, ids, max_new_tokens=2, prompt_lengths=torch.tensor([0, 3, 3]))
+
+
 def test_sampling_is_seeded_and_eos_stops():
     model = tiny_model("bipe_alibi", train_len=64)
     prompt, _ = random_batch(2, 5)

@@ -77,3 +77,27 @@ def plot_passkey_heatmap(rows: list[dict], path: str | Path, title: str) -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, float]]]],
+                            path: str | Path, metric: str = "accuracy",
+                            title: str = "Accuracy against hidden size") -> Path:
+    """One panel per evaluation setting, one line per encoding:
+    `panels[setting][label] = [(hidden_size, accuracy in [0, 1]), ...]`."""
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.6), sharey=True, squeeze=False)
+    for ax, (setting, curves) in zip(axes[0], panels.items(), strict=False):
+        for label, points in sorted(curves.items()):
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+        ax.set_title(setting)
+        ax.set_xlabel("hidden size")
+        ax.set_ylim(-3, 103)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -34,7 +34,7 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> Any:
     model = dict(_plain(cfg.model))
     configured = model.get("vocab_size")
     if vocab_size is None:
-        vocab_size = configured or cfg.data.tokenizer.vocab_size or 2
+        vocab_size = configured or OmegaConf.select(cfg, "data.tokenizer.vocab_size") or 2
     elif configured is not None and configured < vocab_size:
         raise ConfigError(f"model.vocab_size={configured} is smaller than the tokenizer's "
                           f"{vocab_size} tokens; leave it null to use the tokenizer's size")
@@ -44,6 +44,39 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> Any:
 
 def datamodule(cfg: DictConfig, tokenizer_json: str | None = None,
                output_dir: Path | None = None) -> Any:
+    """The run's prepared datamodule: `SyntheticDataModule` for a synthetic task, else
+    `LMDataModule` (see `lm_datamodule`)."""
+    if cfg.task.name != "lm":
+        return synthetic_datamodule(cfg, tokenizer_json)
+    return lm_datamodule(cfg, tokenizer_json, output_dir)
+
+
+def synthetic_datamodule(cfg: DictConfig, tokenizer_json: str | None = None) -> Any:
+    """`SyntheticDataModule` for `cfg.task`, with its evaluation sets drawn.
+
+    A learned token-position table must cover the longest test sequence (it cannot extrapolate);
+    a checkpoint to start from must share the task's vocabulary.
+    """
+    from data.synthetic import SyntheticDataModule
+
+    dm = SyntheticDataModule(_plain(cfg.task), seed=int(cfg.seed))
+    dm.setup("fit")
+    absolute = cfg.pe.absolute
+    longest = dm.stats["eval_max_input_length"]
+    if (absolute.type == "learned" and absolute.index == "token"
+            and absolute.max_positions < longest):
+        raise ConfigError(f"pe.absolute.max_positions={absolute.max_positions} rows cannot "
+                          f"cover task={dm.task_name}'s longest test sequence ({longest} tokens); "
+                          f"set data.block_size>={longest}")
+    if tokenizer_json is not None and dm.tokenizer.to_str() != tokenizer_json:
+        raise ConfigError(f"the checkpoint this run starts from was trained on another vocabulary "
+                          f"than task={dm.task_name} with these settings; start from a checkpoint "
+                          "of the same task")
+    return dm
+
+
+def lm_datamodule(cfg: DictConfig, tokenizer_json: str | None = None,
+                  output_dir: Path | None = None) -> Any:
     """The prepared `LMDataModule` (cache built or reused, tokenizer loaded).
 
     With `tokenizer_json` (the tokenizer of the checkpoint a run starts from) the data must be

@@ -28,7 +28,8 @@ from data.config import TokenizerConfig
 
 TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "optim", "eval", "pe", "model", "data", "task",
                   "trainer", "logger", "callbacks", "paths")
-TASKS = ("lm",)
+TASKS = ("lm", "arithmetic", "bi_nfa")  # lm: conf/data corpora; the others: data.synthetic
+SYNTHETIC_DATA_KEYS = ["name", "block_size"]  # conf/data/synthetic.yaml, chosen by the task
 
 
 def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
@@ -132,6 +133,35 @@ def check_target_kwargs(node: Mapping[str, Any], prefix: str) -> None:
     check_keys({k: v for k, v in node.items() if not k.startswith("_")}, valid, prefix)
 
 
+def _check_task_and_data(task: Mapping[str, Any], data: Mapping[str, Any]) -> int:
+    """Check `task` and the `data` it reads; return the block size (position-table rows)."""
+    name = task.get("name")
+    if name not in TASKS:
+        raise ConfigError(f"task.name={name!r} is unknown; choose one of {', '.join(TASKS)}")
+    if name == "lm":
+        check_keys(task, ["name"], "task")
+        if data.get("name") in TASKS:  # conf/data/synthetic.yaml names the task
+            raise ConfigError("data=synthetic only serves task=arithmetic or task=bi_nfa; choose "
+                              "a corpus (data=shakespeare, python_code, ...) for task=lm")
+        # DataConfig only warns about unknown keys (a library default); a run refuses them.
+        check_keys(data, [f.name for f in dataclasses.fields(DataConfig)], "data")
+        check_keys(data.get("tokenizer") or {},
+                   [f.name for f in dataclasses.fields(TokenizerConfig)], "data.tokenizer")
+        return DataConfig.from_dict(data).block_size  # raises ConfigError naming data.*
+
+    from data.synthetic.tasks import resolve
+
+    resolve(task)  # raises ConfigError naming task.*
+    if data.get("name") != name:  # conf/data/synthetic.yaml: name: ${task.name}
+        raise ConfigError(f"task={name} generates its own data, but data={data.get('name')} was "
+                          "chosen; drop the data= override (the task selects data=synthetic)")
+    check_keys(data, SYNTHETIC_DATA_KEYS, "data")
+    block_size = data.get("block_size")
+    if _number(block_size, "data.block_size", integer=True) < 2:
+        raise ConfigError(f"data.block_size={block_size} must be an integer >= 2")
+    return block_size
+
+
 @dataclass
 class RunSettings:
     """The typed part of the config that the training code reads."""
@@ -172,18 +202,8 @@ def validate_config(cfg: DictConfig) -> RunSettings:
     optim = _from_mapping(OptimConfig, container["optim"] or {}, "optim")
     evaluation = _from_mapping(EvalConfig, container["eval"] or {}, "eval")
 
-    task = container["task"] or {}
-    check_keys(task, ["name"], "task")
-    if task.get("name") not in TASKS:
-        raise ConfigError(f"task.name={task.get('name')!r} is unknown; choose one of {TASKS}")
     check_keys(container["paths"], ["root", "output_dir", "cache_dir"], "paths")
-
-    # DataConfig only warns about unknown keys (a library default); a run refuses them.
-    check_keys(container["data"], [f.name for f in dataclasses.fields(DataConfig)], "data")
-    check_keys(container["data"].get("tokenizer") or {},
-               [f.name for f in dataclasses.fields(TokenizerConfig)], "data.tokenizer")
-    data = DataConfig.from_dict(container["data"])  # raises ConfigError naming data.*
-    block_size = data.block_size
+    block_size = _check_task_and_data(container["task"] or {}, container["data"] or {})
 
     trainer = container["trainer"]
     max_steps = trainer.get("max_steps", -1)

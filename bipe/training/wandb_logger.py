@@ -53,6 +53,11 @@ def resolve_mode(mode: str | None) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep folder's runs: its last two parts (`<day>_<time>`)."""
+    return "_".join(Path(sweep_dir).resolve().parts[-2:])  # e.g. 2024-05-01_12-30-00-123456
+
+
 def hydra_run_names() -> tuple[str | None, str]:
     """(group, name) for this job: the sweep and the job's overrides in a multirun, else no group
     and the run folder's name."""
@@ -63,9 +68,7 @@ def hydra_run_names() -> tuple[str | None, str]:
         return None, "run"
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
-        sweep = Path(hc.sweep.dir)
-        group = "_".join(sweep.parts[-2:])  # e.g. 2024-05-01_12-30-00-123456
-        return group, hc.job.override_dirname or f"job{hc.job.num}"
+        return sweep_group(hc.sweep.dir), hc.job.override_dirname or f"job{hc.job.num}"
     return None, Path(hc.runtime.output_dir).name
 
 

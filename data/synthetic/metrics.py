@@ -7,7 +7,7 @@ this batch and the sums/counts behind them, so a caller adds `correct` and `coun
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,28 @@ from torch import Tensor, nn
 from models import generate
 
 from .arithmetic import EOS_ID, SEPARATOR_IDS
+
+# Each rate and the (numerator, denominator) sums behind it, as the scoring functions return them.
+RATES: dict[str, tuple[str, str]] = {
+    "accuracy": ("correct", "count"),  # arithmetic: final answer right
+    "exact": ("exact_count", "count"),  # arithmetic: whole chain equals the reference
+    "token_accuracy": ("tokens_correct", "tokens"),  # Bi-NFA: state tokens right
+    "sequence_accuracy": ("sequences_correct", "sequences"),  # Bi-NFA: every state token right
+}
+
+
+def add_sums(total: dict[str, float], scores: Mapping[str, float]) -> dict[str, float]:
+    """Add the sums and counts of one batch's `scores` into `total` (in place; rates skipped)."""
+    for key, value in scores.items():
+        if key not in RATES:
+            total[key] = total.get(key, 0.0) + float(value)
+    return total
+
+
+def rates(sums: Mapping[str, float]) -> dict[str, float]:
+    """The rates that `sums` (added over batches) determine; a rate with a zero count is NaN."""
+    return {name: (sums[num] / sums[den] if sums[den] else float("nan"))
+            for name, (num, den) in RATES.items() if num in sums and den in sums}
 
 
 @torch.no_grad()
@@ -25,40 +47,42 @@ def arithmetic_accuracy(model: nn.Module, batch: dict[str, Tensor], *,
 
     Batch: `input_ids`, `boundary` `[B, T]`, `targets` `[B, T]`, `prompt_len`, `answer_id`,
     `length` `[B]`. The predicted answer is the token before the first `<eos>` (the last token if
-    none came within `max_new_tokens`, default twice the true continuation plus 8). Rows are
-    decoded in groups of equal prompt length, so no prompt is padded. `exact` is the share whose
-    generated chain equals the reference token for token (chains are not always unique).
+    none came within `max_new_tokens`, default twice the longest true continuation plus 8). All
+    rows decode together, each from its own prompt (`generate(prompt_lengths=...)`), so no prompt
+    is padded. `exact` is the share whose generated chain equals the reference token for token
+    (chains are not always unique).
     """
     separator_ids = tuple(separator_ids)
     ids, boundary, targets = batch["input_ids"], batch["boundary"], batch["targets"]
     prompt_len, answer, length = batch["prompt_len"], batch["answer_id"], batch["length"]
+    B = ids.shape[0]
+    # Reference continuation of row r: inputs after the prompt, then the last target (<eos>).
+    todo = length + 1 - prompt_len  # [B]
+    budget = max_new_tokens or 2 * int(todo.max()) + 8
     was_training = model.training
     model.eval()
-    correct = exact = 0
     try:
-        for p in torch.unique(prompt_len).tolist():
-            rows = (prompt_len == p).nonzero().squeeze(1)
-            # Reference continuation: inputs after the prompt, then the last target (<eos>).
-            todo = length[rows] + 1 - p  # [b]
-            budget = max_new_tokens or 2 * int(todo.max()) + 8
-            out = generate(model, ids[rows, :p], boundary[rows, :p], max_new_tokens=budget,
-                           separator_ids=separator_ids, eos_id=eos_id)
-            new = out[:, p:]  # [b, n]
-            is_eos = new == eos_id
-            has_eos = is_eos.any(dim=1)
-            first_eos = is_eos.long().argmax(dim=1)  # 0 when none; masked below
-            at = torch.where(has_eos, p + first_eos - 1, out.shape[1] - 1)
-            predicted = out.gather(1, at[:, None]).squeeze(1)
-            correct += int((predicted == answer[rows]).sum())
-            for j, r in enumerate(rows.tolist()):
-                n = int(todo[j])
-                ref = torch.cat([ids[r, p : length[r]], targets[r, length[r] - 1 : length[r]]])
-                exact += int(new.shape[1] >= n and torch.equal(new[j, :n], ref))
+        out = generate(model, ids, boundary, max_new_tokens=budget, separator_ids=separator_ids,
+                       eos_id=eos_id, prompt_lengths=prompt_len)  # [B, L]
     finally:
         model.train(was_training)
-    count = int(ids.shape[0])
-    return {"accuracy": correct / max(count, 1), "exact": exact / max(count, 1),
-            "correct": float(correct), "exact_count": float(exact), "count": float(count)}
+    L = out.shape[1]
+    col = torch.arange(L, device=out.device)[None, :]
+    generated = (col >= prompt_len[:, None]) & (col < prompt_len[:, None] + budget)  # [B, L]
+    is_eos = (out == eos_id) & generated
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.long().argmax(dim=1)  # 0 when none; masked below
+    last = (prompt_len + budget).clamp(max=L) - 1
+    at = torch.where(has_eos, first_eos - 1, last)
+    predicted = out.gather(1, at[:, None]).squeeze(1)
+    correct = int((predicted == answer).sum())
+    exact = 0
+    for r in range(B):
+        p, n = int(prompt_len[r]), int(todo[r])
+        ref = torch.cat([ids[r, p : length[r]], targets[r, length[r] - 1 : length[r]]])
+        exact += int(p + n <= L and torch.equal(out[r, p : p + n], ref))
+    return {"accuracy": correct / max(B, 1), "exact": exact / max(B, 1),
+            "correct": float(correct), "exact_count": float(exact), "count": float(B)}
 
 
 @torch.no_grad()

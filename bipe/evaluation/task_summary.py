@@ -1,0 +1,195 @@
+"""Gather a synthetic-task sweep into a table and a figure: accuracy against hidden size.
+
+    python -m bipe.evaluation.task_summary multirun/<day>/<time>
+    python -m bipe.evaluation.task_summary multirun/<day>/<time> --metric exact
+
+Every job of `python train.py -m experiment=arithmetic_sweep` (or `bi_nfa_sweep`) ends by writing
+`task_eval.json` (test-set metrics per setting, with its encoding, model shape and seed). This
+command reads them all, averages over seeds, and writes into the sweep folder:
+
+* `summary.csv`: one row per (encoding, hidden size, setting) with mean, min and max over seeds;
+* `summary.md`: the table printed to the terminal (rows: encoding and hidden size; columns:
+  settings, e.g. `ops_4 ops_5 ...` or `seg_8 seg_16 seg_32`; the first is in-distribution);
+* `accuracy_vs_hidden.png`: one panel per setting, one line per encoding.
+
+The same table and figure go to W&B as a `summary` run in the sweep's group, beside its jobs'
+runs (mode as for training: `WANDB_MODE`, else online if logged in, else offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bipe.errors import BipeError, DataError
+from data.synthetic.tasks import MAIN_METRIC
+
+log = logging.getLogger(__name__)
+
+
+def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every `task_eval.json` under `sweep_dir`, with its path; DataError if there is none or
+    the jobs mix tasks."""
+    if not sweep_dir.is_dir():
+        raise DataError(f"sweep folder {sweep_dir} does not exist; pass the folder of a "
+                        "`python train.py -m task=...` sweep (multirun/<day>/<time>)")
+    jobs = []
+    for path in sorted(sweep_dir.rglob("task_eval.json")):
+        try:
+            job = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path} is not readable JSON ({exc}); rerun that job or delete "
+                            "its folder") from None
+        jobs.append({**job, "path": str(path)})
+    if not jobs:
+        raise DataError(f"no task_eval.json under {sweep_dir}: its jobs have not finished, or "
+                        "they trained a language model (task=lm; use eval.py for those)")
+    tasks = sorted({j["task"] for j in jobs})
+    if len(tasks) > 1:
+        raise DataError(f"{sweep_dir} mixes tasks {tasks}; summarise one task's sweep at a time")
+    return jobs
+
+
+def summarise(jobs: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rows `(pe, hidden_size, setting)` with `metric` averaged over seeds (mean, min, max)."""
+    groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    params: dict[tuple[str, int], int] = {}
+    settings: list[str] = []
+    for job in jobs:
+        hidden = int(job["model"]["hidden_size"])
+        params[job["pe"], hidden] = int(job["n_parameters"])
+        for row in job["results"]:
+            if metric not in row:
+                raise DataError(f"{job['path']} has no metric {metric!r}; choose one of "
+                                f"{sorted(k for k in row if isinstance(row[k], float))}")
+            groups[job["pe"], hidden, row["setting"]].append(float(row[metric]))
+            if row["setting"] not in settings:
+                settings.append(row["setting"])
+    order = {s: i for i, s in enumerate(settings)}
+    rows = []
+    for (pe, hidden, setting), values in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        rows.append({"pe": pe, "hidden_size": hidden, "n_parameters": params[pe, hidden],
+                     "setting": setting, "metric": metric, "mean": statistics.fmean(values),
+                     "min": min(values), "max": max(values), "seeds": len(values)})
+    return rows
+
+
+def format_summary(rows: Sequence[dict[str, Any]], title: str) -> str:
+    """Rows: encoding x hidden size; columns: settings; cells: mean % over seeds (n seeds)."""
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    cell = {(r["pe"], r["hidden_size"], r["setting"]): r for r in rows}
+    keys = list(dict.fromkeys((r["pe"], r["hidden_size"]) for r in rows))
+    seeds = sorted({r["seeds"] for r in rows})
+    note = f" (mean over {seeds[0]} seeds)" if seeds == [seeds[0]] and seeds[0] > 1 else ""
+    head = f"| {'pe':<11} | {'hidden':>6} | {'params':>8} | " + " | ".join(
+        f"{s:>8}" for s in settings) + " |"
+    lines = [title + note, "", head, "|" + "|".join(
+        "-" * (len(c) + 2) for c in head.strip("|").split("|")) + "|"]
+    for pe, hidden in keys:
+        values = []
+        for s in settings:
+            r = cell.get((pe, hidden, s))
+            values.append(f"{'-':>8}" if r is None else f"{100 * r['mean']:>7.1f}%")
+        params = next(r["n_parameters"] for r in rows
+                      if (r["pe"], r["hidden_size"]) == (pe, hidden))
+        lines.append(f"| {pe:<11} | {hidden:>6} | {params:>8,} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: str
+                  ) -> dict[str, Path]:
+    """summary.csv, summary.md, accuracy_vs_hidden.png in `out` (each written atomically)."""
+    from bipe.evaluation.plots import plot_accuracy_vs_hidden
+
+    files = {}
+    tmp = out / "summary.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "summary.csv")
+    files["summary.csv"] = out / "summary.csv"
+    table = format_summary(rows, f"{task}: test {metric} by encoding and hidden size")
+    (out / "summary.md.tmp").write_text(table + "\n")
+    os.replace(out / "summary.md.tmp", out / "summary.md")
+    files["summary.md"] = out / "summary.md"
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in rows:
+        panels.setdefault(r["setting"], {}).setdefault(r["pe"], []).append(
+            (r["hidden_size"], r["mean"]))
+    png = out / "accuracy_vs_hidden.png"
+    plot_accuracy_vs_hidden(panels, out / "accuracy_vs_hidden.tmp.png", metric=metric,
+                            title=f"{task}: test {metric} against hidden size")
+    os.replace(out / "accuracy_vs_hidden.tmp.png", png)
+    files["accuracy_vs_hidden.png"] = png
+    return files
+
+
+def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_dir: Path,
+                 task: str, metric: str, project: str = "bipe", mode: str | None = None) -> None:
+    """A `summary` run in the sweep's W&B group: the table, one line plot per setting, the PNG."""
+    from bipe.training.wandb_logger import resolve_mode, sweep_group
+
+    mode = resolve_mode(mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=project, mode=mode, job_type="summary", group=sweep_group(sweep_dir),
+                     name=f"summary_{task}", dir=str(sweep_dir),
+                     config={"task": task, "metric": metric, "sweep_dir": str(sweep_dir)})
+    try:
+        cols = list(rows[0])
+        run.log({"summary": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+        for setting in dict.fromkeys(r["setting"] for r in rows):
+            pes = list(dict.fromkeys(r["pe"] for r in rows))
+            xs = sorted({r["hidden_size"] for r in rows})
+            ys = [[next((r["mean"] for r in rows if r["setting"] == setting and r["pe"] == pe
+                         and r["hidden_size"] == x), float("nan")) for x in xs] for pe in pes]
+            run.log({f"{metric}_vs_hidden/{setting}": wandb.plot.line_series(
+                xs=xs, ys=ys, keys=pes, title=f"{task} {setting}: {metric}",
+                xname="hidden size")})
+        run.log({"figures/accuracy_vs_hidden": wandb.Image(str(files["accuracy_vs_hidden.png"]))})
+    finally:
+        wandb.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bipe.evaluation.task_summary",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="the sweep folder (multirun/<day>/<time>)")
+    parser.add_argument("--metric", default=None,
+                        help="accuracy | exact (arithmetic), sequence_accuracy | token_accuracy "
+                             "(Bi-NFA); default: the task's headline metric")
+    parser.add_argument("--project", default="bipe", help="W&B project")
+    parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
+                        help="default: WANDB_MODE, else online if logged in, else offline")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        jobs = load_jobs(args.sweep_dir)
+        task = jobs[0]["task"]
+        metric = args.metric or MAIN_METRIC[task]
+        rows = summarise(jobs, metric)
+        files = write_outputs(rows, args.sweep_dir, task, metric)
+        print(files["summary.md"].read_text(), end="")
+        print(f"{len(jobs)} jobs; wrote {', '.join(str(p) for p in files.values())}")
+        log_to_wandb(rows, files, args.sweep_dir, task, metric, args.project, args.wandb_mode)
+    except BipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""`TaskModel`: training on a synthetic task, scored per test length by loss and task metrics.
+
+A synthetic task (`data.synthetic`, `task=arithmetic | bi_nfa`) has one evaluation set per
+setting (`ops_4, ops_5, ...` or `seg_8, seg_16, ...`), served as a list of validation loaders.
+`TaskModel` is the `LanguageModel` (same loss, optimizer, schedule and checkpoints) with a
+validation that keeps the settings apart: per setting it adds the summed loss and the task's
+sums and counts over batches (`data.synthetic.metrics.RATES`), and logs `val/<setting>/loss` and
+`val/<setting>/<rate>`. `val/loss` is the first (in-distribution) setting's loss, so checkpoint
+selection never looks at the extrapolation sets. `evaluate_task` scores the test sets the same way
+at the end of a run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bipe.training.module import LanguageModel, next_token_loss
+from data.synthetic.metrics import add_sums, rates
+
+Scorer = Callable[[nn.Module, dict[str, Tensor]], dict[str, float]]
+
+
+class TaskScores:
+    """Per-setting sums over batches: the summed loss, scored tokens, and the task's counts."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.sums: list[dict[str, float]] = [{} for _ in self.names]
+
+    def reset(self) -> None:
+        self.sums = [{} for _ in self.names]
+
+    def add(self, index: int, loss_sum: float, tokens: int, scores: Mapping[str, float]) -> None:
+        """Add one batch of setting `index`."""
+        add_sums(self.sums[index], {"loss_sum": loss_sum, "loss_tokens": tokens, **scores})
+
+    def reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """Replace every sum by `reduce_sum` of it (an all-reduce across processes)."""
+        keys = sorted({k for s in self.sums for k in s})
+        if not keys:
+            return
+        table = torch.tensor([[s.get(k, 0.0) for k in keys] for s in self.sums],
+                             dtype=torch.float64)
+        table = reduce_sum(table).cpu()
+        self.sums = [dict(zip(keys, row.tolist(), strict=True)) for row in table]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """`{setting: {"loss": mean per scored token, <rate>: ..., <sums>: ...}}`; settings with
+        no batches are left out."""
+        out = {}
+        for name, sums in zip(self.names, self.sums, strict=True):
+            if not sums:
+                continue
+            tokens = sums.get("loss_tokens", 0.0)
+            loss = sums["loss_sum"] / tokens if tokens else float("nan")
+            out[name] = {"loss": loss, **rates(sums), **sums}
+        return out
+
+
+def score_batch(model: nn.Module, batch: dict[str, Tensor], score: Scorer
+                ) -> tuple[float, int, dict[str, float]]:
+    """(summed loss, scored tokens, task scores) of one evaluation batch; `model` in eval mode."""
+    logits = model(batch["input_ids"], batch.get("boundary"))
+    total, count = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
+    return float(total), int(count), score(model, batch)
+
+
+class TaskModel(LanguageModel):
+    """`LanguageModel` whose validation is a list of loaders, one per setting in `val_names`.
+
+    `score(model, batch)` returns the task's sums and counts for one batch (the datamodule's
+    `score`); `main_metric` is the rate shown in the progress bar (`val/<main_metric>`, of the
+    first setting).
+    """
+
+    def __init__(self, *args: Any, val_names: Sequence[str], score: Scorer, main_metric: str,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_names = list(val_names)
+        self.score = score
+        self.main_metric = main_metric
+        self.scores = TaskScores(self.val_names)
+
+    def on_validation_epoch_start(self) -> None:
+        self.scores.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        loss_sum, tokens, scores = score_batch(self.model, batch, self.score)
+        self.scores.add(dataloader_idx, loss_sum, tokens, scores)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:
+            self.scores.reduce(lambda t: self.trainer.strategy.reduce(
+                t.to(self.device), reduce_op="sum"))
+        summary = self.scores.summary()
+        for name, values in summary.items():
+            self.log(f"val/{name}/loss", values["loss"])
+            for rate in rates(values):
+                self.log(f"val/{name}/{rate}", values[rate])
+        first = summary.get(self.val_names[0])
+        if first is not None:  # Lightning's sanity check may stop before the first setting ends
+            self.log("val/loss", first["loss"], prog_bar=True)
+            self.log(f"val/{self.main_metric}", first[self.main_metric], prog_bar=True)
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, loaders: Sequence[Any], names: Sequence[str], score: Scorer,
+                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Score `model` on each loader (one per setting); one row per setting, in order."""
+    scores = TaskScores(names)
+    was_training = model.training
+    model.eval()
+    try:
+        for index, loader in enumerate(loaders):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                scores.add(index, *score_batch(model, batch, score))
+    finally:
+        model.train(was_training)
+    summary = scores.summary()
+    return [{"setting": name, **summary[name]} for name in names if name in summary]
+
+
+def format_task_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
+    """Setting, examples, loss and the rates, one line per setting."""
+    names = [r for r in ("accuracy", "exact", "token_accuracy", "sequence_accuracy")
+             if rows and r in rows[0]]
+    count_key = "count" if "count" in (rows[0] if rows else {}) else "sequences"
+    lines = [title, f"{'setting':>10} {'examples':>9} {'loss':>8} "
+                    + " ".join(f"{n:>17}" for n in names)]
+    for r in rows:
+        cells = " ".join(f"{'n/a' if math.isnan(r[n]) else f'{100 * r[n]:.1f}%':>17}"
+                         for n in names)
+        lines.append(f"{r['setting']:>10} {int(r.get(count_key, 0)):>9} {r['loss']:>8.4f} {cells}")
+    return "\n".join(lines)

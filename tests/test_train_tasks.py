@@ -1,0 +1,151 @@
+"""Synthetic tasks through train.py: configs, per-setting validation and test metrics, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bipe.errors import ConfigError
+from bipe.training.checkpoint import build_model_from_checkpoint
+from bipe.training.task_module import TaskScores, evaluate_task, format_task_table
+from data.synthetic import SyntheticDataModule
+from tests.conftest import ROOT, compose_train
+
+TINY = ["logger=none", "model.n_layers=1", "model.hidden_size=16", "model.n_heads=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+        "trainer.enable_model_summary=false", "optim.warmup_steps=1", "task.n_val=8",
+        "task.batch_size=8", "task.eval_batch_size=4"]
+ARITHMETIC = ["task=arithmetic", "task.operators=2", "task.test_offsets=[1]"]
+BI_NFA = ["task=bi_nfa", "task.segments=[1,3]", "task.test_multipliers=[1,2]"]
+
+
+def run(tmp_path, *overrides):
+    from train import train
+
+    cfg = compose_train([*TINY, *overrides], tmp_path)
+    return train(cfg), tmp_path
+
+
+def test_a_task_selects_its_data_and_model_and_the_command_line_still_wins():
+    cfg = compose_train(["task=arithmetic"])
+    assert (cfg.data.name, cfg.task.name, cfg.model.hidden_size) == ("arithmetic", "arithmetic", 64)
+    cfg = compose_train(["experiment=bi_nfa_sweep", "model=tiny"])
+    assert (cfg.data.name, cfg.model.hidden_size) == ("bi_nfa", 128)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["task=arithmetic", "data=shakespeare"], "drop the data= override"),
+    (["task=arithmetic", "+task.operator=3"], "task.operator"),
+    (["task=bi_nfa", "task.segments=[4,2]"], "task.segments"),
+    (["task=lm", "data=synthetic"], "data=synthetic only serves"),
+])
+def test_bad_task_configs_name_the_key(overrides, needle, tmp_path):
+    from bipe.training.schema import validate_config
+
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("+", r"\+")):
+        validate_config(compose_train(overrides, tmp_path))
+
+
+def test_a_token_table_too_short_for_the_test_sequences_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.block_size>="):
+        run(tmp_path, *ARITHMETIC, "pe=learned", "data.block_size=8")
+
+
+@pytest.mark.parametrize(("task", "metric"), [(ARITHMETIC, "accuracy"),
+                                              (BI_NFA, "sequence_accuracy")])
+def test_a_task_run_validates_per_setting_and_reports_what_its_checkpoint_scores(
+        task, metric, tmp_path):
+    metrics, run_dir = run(tmp_path, *task, "pe=bipe_rope")
+    report = json.loads((run_dir / "task_eval.json").read_text())
+    names = ["ops_2", "ops_3"] if task is ARITHMETIC else ["seg_3", "seg_6"]
+    assert [r["setting"] for r in report["results"]] == names
+    assert report["global_step"] == 4 and report["pe"] == "bipe_rope"
+    for row in report["results"]:
+        assert metrics[f"test/{row['setting']}/{metric}"] == row[metric]
+        assert 0.0 <= row[metric] <= 1.0
+    assert "val/loss" in metrics  # the in-distribution setting's validation loss
+
+    # The reported numbers are those of the saved final weights on the test sets.
+    model, tokenizer, meta = build_model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert meta["data_stats"]["max_segments_per_block"] >= 2
+    dm = SyntheticDataModule(report["task_config"], seed=0)
+    assert tokenizer.to_str() == dm.tokenizer.to_str()
+    again = evaluate_task(model, dm.test_dataloader(), dm.val_names, dm.score)
+    assert [r[metric] for r in again] == [r[metric] for r in report["results"]]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in report["results"]],
+                                                       rel=1e-5)
+    assert all(r.get("count", r.get("sequences")) == 8 for r in again)  # task.n_val each
+
+
+def test_task_scores_add_over_batches_like_one_batch():
+    """Sums over batches of different sizes give the rate of the whole set, per setting."""
+    scores = TaskScores(["a", "b"])
+    scores.add(0, 6.0, 3, {"correct": 1.0, "count": 2.0, "accuracy": 0.5})
+    scores.add(0, 2.0, 1, {"correct": 2.0, "count": 2.0, "accuracy": 1.0})
+    scores.add(1, 1.0, 2, {"correct": 0.0, "count": 1.0, "accuracy": 0.0})
+    summary = scores.summary()
+    assert summary["a"]["accuracy"] == 0.75  # 3 of 4, not the mean of 0.5 and 1.0
+    assert summary["a"]["loss"] == 2.0 and summary["b"]["loss"] == 0.5
+    scores.reduce(lambda t: 2 * t)  # e.g. two processes with equal sums
+    assert scores.summary()["a"]["count"] == 8.0 and scores.summary()["a"]["accuracy"] == 0.75
+    table = format_task_table([{"setting": n, **v} for n, v in summary.items()], "t")
+    assert "75.0%" in table and "0.0%" in table
+
+
+@pytest.mark.slow
+def test_a_two_job_sweep_and_its_summary(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "HF_DATASETS_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=arithmetic_sweep",
+         "pe=rope,bipe_rope", "model.hidden_size=16", *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = sorted(sweep.glob("*/task_eval.json"))
+    assert len(reports) == 2
+
+    summary = subprocess.run(
+        [sys.executable, "-m", "bipe.evaluation.task_summary", str(sweep)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "| rope " in summary.stdout and "| bipe_rope " in summary.stdout
+    for name in ("summary.csv", "summary.md", "accuracy_vs_hidden.png"):
+        assert (sweep / name).stat().st_size > 0
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4  # 2 encodings x (ops_2, ops_3)
+    for report in map(json.loads, (p.read_text() for p in reports)):
+        for r in report["results"]:
+            row = next(x for x in rows if x["pe"] == report["pe"] and x["setting"] == r["setting"])
+            assert float(row["mean"]) == pytest.approx(r["accuracy"])
+    # The summary is a W&B run in the sweep's group, offline here.
+    assert list(sweep.glob("wandb/offline-run-*"))
+
+
+def test_the_summary_command_names_a_folder_without_results(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bipe.evaluation.task_summary", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no task_eval.json under")
+
+
+def test_the_summary_averages_seeds(tmp_path):
+    from bipe.evaluation.task_summary import format_summary, load_jobs, summarise
+
+    for seed, acc in ((0, 0.5), (1, 1.0)):
+        job = tmp_path / f"{seed}_seed={seed}"
+        job.mkdir()
+        (job / "task_eval.json").write_text(json.dumps({
+            "task": "arithmetic", "pe": "rope", "model": {"hidden_size": 32}, "seed": seed,
+            "n_parameters": 1000, "results": [{"setting": "ops_4", "accuracy": acc}]}))
+    rows = summarise(load_jobs(tmp_path), "accuracy")
+    assert len(rows) == 1 and rows[0]["mean"] == 0.75 and rows[0]["seeds"] == 2
+    assert (rows[0]["min"], rows[0]["max"]) == (0.5, 1.0)
+    assert "75.0%" in format_summary(rows, "t")

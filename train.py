@@ -51,20 +51,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # override) answer before torch loads, and config errors before Lightning does.
     from bipe.training import builders
     from bipe.training.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
+    from bipe.training.finetune import apply_finetune
     from bipe.training.resume import check_resume
     from bipe.training.schema import validate_config
 
-    # 1. Everything that can be checked without data: config keys, model shapes, checkpoints.
-    settings = validate_config(cfg)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    # 1. Everything that can be checked without data: checkpoints, config keys, model shapes.
     output_dir = Path(cfg.paths.output_dir)
     start = cfg.ckpt_path or cfg.init_from
     start_ckpt = None
     if start:
         start_ckpt = load_checkpoint(start, key="ckpt_path" if cfg.ckpt_path else "init_from")
-        if cfg.ckpt_path:
-            check_resume(start_ckpt, builders.model_config(cfg).to_dict(), run_config,
-                         cfg.ckpt_path)
+        # Fine-tuning takes the model from the checkpoint (the YaRN stage); no-op otherwise.
+        apply_finetune(cfg, start_ckpt[CHECKPOINT_KEY], resume=bool(cfg.ckpt_path))
+    settings = validate_config(cfg)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    if start_ckpt is not None and cfg.ckpt_path:
+        check_resume(start_ckpt, builders.model_config(cfg).to_dict(), run_config, cfg.ckpt_path)
 
     import lightning as L
 

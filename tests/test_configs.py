@@ -18,7 +18,10 @@ from tests.conftest import CONF, compose_train
 GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment"]
 # data sources that need a key set to be valid at all
 NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"],
-         ("data", "synthetic"): ["task=arithmetic"]}  # the synthetic tasks' own data node
+         ("data", "synthetic"): ["task=arithmetic"],  # the synthetic tasks' own data node
+         # the run fills original_max_position from the checkpoint before validating
+         ("experiment", "yarn_finetune"): ["init_from=base.ckpt",
+                                           "pe.relative.scaling.original_max_position=46"]}
 
 
 def options(group: str) -> list[str]:

@@ -31,6 +31,7 @@ from bipe.evaluation.memory import track_peak_memory
 from bipe.evaluation.passkey import passkey_accuracy
 from bipe.evaluation.perplexity import perplexity_at_length
 from bipe.evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
+from bipe.training.finetune import relative_training_range, with_scaling
 
 log = logging.getLogger(__name__)
 
@@ -91,43 +92,41 @@ def _label(meta: dict[str, Any], path: Path, taken: set[str]) -> str:
     return label
 
 
-def _rope_scaling_hook(scaling: dict | None, apply_to_bipe_original: int | None):
-    def hook(cfg: dict) -> dict:
-        if scaling is None or cfg["pe"]["relative"]["type"] != "rope":
-            return cfg
-        s = dict(scaling)
-        if s.get("original_max_position") is None:
-            s["original_max_position"] = apply_to_bipe_original
-        cfg = dict(cfg)
-        cfg["pe"] = {**cfg["pe"], "relative": {**cfg["pe"]["relative"], "scaling": s}}
-        return cfg
-    return hook
+def _scaling_label(scaling: dict[str, Any]) -> str:
+    factor = scaling.get("factor")
+    return f"{scaling['type']}{'' if factor is None else f'{factor:g}'}"
 
 
 def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
-    from bipe.training.checkpoint import build_model_from_checkpoint, load_checkpoint
+    """Every checkpoint, as saved; with `eval.rope_scaling`, each rotary checkpoint that carries
+    no scaling of its own is also loaded scaled (label `<name>+yarn4`), so base, scaled-only and
+    fine-tuned models compare in one evaluation. `original_max_position: null` is each
+    checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
+    from bipe.training.checkpoint import build_model_from_checkpoint
 
     labels = list(cfg.labels or [])
+    scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
+        if cfg.eval.get("rope_scaling") else None
     taken: set[str] = set()
     loaded = []
     for i, path in enumerate(find_checkpoints(cfg)):
-        meta = load_checkpoint(path)["bipe"]
+        model, tokenizer, meta = build_model_from_checkpoint(path)
         train_length = int(meta["run_config"]["data"]["block_size"])
-        scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
-            if cfg.eval.get("rope_scaling") else None
-        original = _original_length(meta, train_length)
-        model, tokenizer, meta = build_model_from_checkpoint(
-            path, model_config_hook=_rope_scaling_hook(scaling, original))
         label = labels[i] if i < len(labels) else _label(meta, path, taken)
         loaded.append(LoadedModel(label, path, model.to(device), tokenizer, meta, train_length))
+        relative = meta["model_config"]["pe"]["relative"]
+        if scaling is None or relative["type"] != "rope" or relative.get("scaling"):
+            continue
+        scaled = with_scaling(meta, scaling, key="eval.rope_scaling")
+
+        def hook(config: dict, scaled: dict = scaled) -> dict:
+            pe = config["pe"]
+            return {**config, "pe": {**pe, "relative": {**pe["relative"], "scaling": scaled}}}
+
+        model, tokenizer, scaled_meta = build_model_from_checkpoint(path, model_config_hook=hook)
+        loaded.append(LoadedModel(f"{label}+{_scaling_label(scaled)}", path, model.to(device),
+                                  tokenizer, scaled_meta, train_length))
     return loaded
-
-
-def _original_length(meta: dict[str, Any], train_length: int) -> int:
-    """The rotary part's training range: tokens, or segments per block for BiPE-RoPE."""
-    if meta["model_config"]["pe"]["relative"]["index"] == "inter":
-        return int(meta["data_stats"]["max_segments_per_block"])
-    return train_length
 
 
 def _tokenizer_file(tokenizer_json: str, cache_dir: Path) -> Path:
@@ -195,7 +194,7 @@ def lm_infinite_settings(cfg: DictConfig, lm: LoadedModel) -> LMInfinite | None:
     li = cfg.eval.lm_infinite
     cap = li.distance_cap
     if cap is None:  # the pretraining range of the relative index
-        cap = _original_length(lm.meta, lm.train_length)
+        cap = relative_training_range(lm.meta)
     return LMInfinite(n_global=int(li.n_global),
                       n_local=int(li.n_local or lm.train_length), distance_cap=int(cap))
 

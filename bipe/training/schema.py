@@ -26,7 +26,8 @@ from bipe.training.schedule import SCHEDULES
 from data import DataConfig
 from data.config import TokenizerConfig
 
-TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "optim", "eval", "pe", "model", "data", "task",
+TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "finetune", "optim", "eval", "pe", "model",
+                  "data", "task",
                   "trainer", "logger", "callbacks", "paths")
 TASKS = ("lm", "arithmetic", "bi_nfa")  # lm: conf/data corpora; the others: data.synthetic
 SYNTHETIC_DATA_KEYS = ["name", "block_size"]  # conf/data/synthetic.yaml, chosen by the task
@@ -198,6 +199,17 @@ def validate_config(cfg: DictConfig) -> RunSettings:
     if container["ckpt_path"] and container["init_from"]:
         raise ConfigError("set only one of ckpt_path (resume a run exactly) and init_from "
                           "(start a new run from its weights)")
+
+    finetune = container["finetune"] or {}
+    check_keys(finetune, ["model_from_checkpoint", "block_size_factor"], "finetune")
+    from_checkpoint = finetune.get("model_from_checkpoint")
+    if not isinstance(from_checkpoint, bool):
+        raise ConfigError(f"finetune.model_from_checkpoint={from_checkpoint!r} must be true or "
+                          "false")
+    if (finetune["model_from_checkpoint"] or finetune.get("block_size_factor") is not None) and (
+            not container["init_from"] and not container["ckpt_path"]):
+        raise ConfigError("finetune settings need a checkpoint to start from: set "
+                          "init_from=<checkpoint or run folder>")
 
     optim = _from_mapping(OptimConfig, container["optim"] or {}, "optim")
     evaluation = _from_mapping(EvalConfig, container["eval"] or {}, "eval")

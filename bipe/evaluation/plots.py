@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -12,19 +13,46 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
+def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
+    """Readable labels on a log y axis. Matplotlib labels only powers of ten, so a range inside
+    one decade (perplexity 163 to 281) would show no number at all: there, label ~`ticks`
+    geometrically spaced values rounded to 2 significant digits instead."""
+    finite = [v for v in values if v is not None and np.isfinite(v) and v > 0]
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    if not finite:
+        return
+    lo, hi = min(finite), max(finite)
+    if math.floor(math.log10(lo)) != math.floor(math.log10(hi)) and hi / lo >= 10:
+        return  # a power of ten lies inside: the default labels are enough
+    raw = np.geomspace(lo, hi, ticks) if hi > lo else np.array([lo])
+    digits = [1 - math.floor(math.log10(v)) for v in raw]
+    values = sorted({round(float(v), d) for v, d in zip(raw, digits, strict=True)})
+    ax.set_yticks(values)
+    ax.set_yticklabels([f"{v:g}" for v in values])
+    ax.set_ylim(lo / 1.05, hi * 1.05)
+
+
 def plot_ppl_vs_length(curves: dict[str, list[tuple[int, float]]], train_length: int | None,
                        path: str | Path, title: str = "Perplexity against length") -> Path:
-    """One line per model: `curves[label] = [(length, ppl), ...]`; log-scale perplexity."""
+    """One line per model: `curves[label] = [(length, ppl), ...]`; log-scale perplexity.
+
+    Variants of one model (`rope`, `rope+lminf`, `rope+yarn4`) share its colour; a variant is
+    dashed, so the effect of LM-Infinite or scaling reads as the gap between two lines.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours: dict[str, str] = {}
     for label, points in sorted(curves.items()):
         xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=label)
+        base = label.split("+")[0]
+        colour = colours.setdefault(base, f"C{len(colours) % 10}")
+        ax.plot(xs, ys, marker="o", label=label, color=colour,
+                linestyle="--" if "+" in label else "-")
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    _label_log_axis(ax, [y for points in curves.values() for _, y in points])
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)

@@ -117,3 +117,26 @@ def test_generation_quality_is_perfect_for_an_oracle(tokenizer):
     assert [r["prefix"] for r in rows] == [32, 64]
     for r in rows:
         assert r["bleu"] == pytest.approx(100.0) and r["rougeL"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(("values", "inside"), [([163.7, 281.0], True), ([20.0, 2000.0], False),
+                                               ([5.01, 5.02], True)])
+def test_log_axis_is_labelled_even_inside_one_decade(values, inside):
+    """Matplotlib labels only powers of ten on a log axis: perplexities between 163 and 281 had
+    no number at all on the figure."""
+    import matplotlib.pyplot as plt
+
+    from bipe.evaluation.plots import _label_log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], values)
+    ax.set_yscale("log")
+    _label_log_axis(ax, values)
+    lo, hi = ax.get_ylim()
+    labelled = [t for t in ax.get_yticks() if lo <= t <= hi]
+    if inside:
+        assert len(labelled) >= 2 and values[0] / 1.06 <= min(labelled)
+        assert [t.get_text() for t in ax.get_yticklabels()][: len(labelled)]
+    else:
+        assert any(t in (100, 1000) for t in labelled)  # the default decade ticks stay
+    plt.close(fig)

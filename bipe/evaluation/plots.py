@@ -16,7 +16,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
     """Readable labels on a log y axis. Matplotlib labels only powers of ten, so a range inside
     one decade (perplexity 163 to 281) would show no number at all: there, label ~`ticks`
-    geometrically spaced values rounded to 2 significant digits instead."""
+    geometrically spaced values, rounded to the precision their spacing needs."""
     finite = [v for v in values if v is not None and np.isfinite(v) and v > 0]
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -26,8 +26,9 @@ def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
     if math.floor(math.log10(lo)) != math.floor(math.log10(hi)) and hi / lo >= 10:
         return  # a power of ten lies inside: the default labels are enough
     raw = np.geomspace(lo, hi, ticks) if hi > lo else np.array([lo])
-    digits = [1 - math.floor(math.log10(v)) for v in raw]
-    values = sorted({round(float(v), d) for v, d in zip(raw, digits, strict=True)})
+    spacing = (hi - lo) / (ticks - 1) if hi > lo else abs(lo)
+    digits = -math.floor(math.log10(spacing))
+    values = sorted({round(float(v), digits) for v in raw})
     ax.set_yticks(values)
     ax.set_yticklabels([f"{v:g}" for v in values])
     ax.set_ylim(lo / 1.05, hi * 1.05)

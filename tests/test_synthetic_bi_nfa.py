@@ -59,7 +59,7 @@ def test_state_labels_equal_an_independent_simulation_of_the_printed_automaton(c
 
 def test_the_cli_automaton_is_the_library_automaton(cli_output):
     automaton, sequences = cli_output
-    a = bn.make_bi_nfa(3, 4, 3, 0.3, (2, 5), seed=5)
+    a = bn.make_bi_nfa(3, 5, 4, 0.3, (2, 5), seed=5)  # the CLI defaults
     assert a.to_json() == automaton
     rng = random.Random(3)
     first = bn.sample_sequence(a, 6, (2, 5), rng)

@@ -313,8 +313,8 @@ def encode(automaton: BiNFA, sequence: BiNFASequence) -> EncodedExample:
 
 DEFAULTS: dict[str, Any] = {
     "alphabet": 3,
-    "inner_states": 4,
-    "outer_states": 3,
+    "inner_states": 5,
+    "outer_states": 4,
     "density": 0.3,
     "segment_length": (2, 5),
     "automaton_seed": 0,

@@ -8,7 +8,7 @@ Keys (`task.*`), with defaults:
   common:     name (arithmetic | bi_nfa), batch_size 64, eval_batch_size 256, n_val 256,
               val_seed 1234, num_workers 0
   arithmetic: operators 4, direct false, test_offsets [1, 2, 3]
-  bi_nfa:     alphabet 3, inner_states 4, outer_states 3, density 0.3, automaton_seed 0,
+  bi_nfa:     alphabet 3, inner_states 5, outer_states 4, density 0.3, automaton_seed 0,
               segment_length [2, 5], segments [1, 8], test_multipliers [1, 2, 4]
 An unknown key is an error naming it (a misspelt `task.operator` must not train the default).
 """

@@ -5,10 +5,13 @@
     python train.py -m pe=rope,alibi,bipe_rope,bipe_alibi     # a sweep: one folder + W&B run each
     python train.py ckpt_path=outputs/<day>/<run>             # resume that run exactly
     python train.py init_from=<ckpt> optim.lr=2e-5            # a new run starting from its weights
+    python train.py experiment=yarn_finetune init_from=<ckpt> # extend a RoPE model's context
+    python train.py task=arithmetic pe=bipe_rope              # a synthetic task instead of text
 
-compose (Hydra, conf/train.yaml) -> validate -> data -> model -> fit -> perplexity at 1x..8x the
-training length. A bad config, data or checkpoint ends the run before any long work with one
-`error: ...` line on stderr and exit status 2.
+compose (Hydra, conf/train.yaml) -> [checkpoint: resume, init or fine-tune] -> validate -> data
+-> model -> fit -> perplexity at 1x..8x the training length, or the task's test accuracy. A bad
+config, data or checkpoint ends the run before any long work with one `error: ...` line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations

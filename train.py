@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              f"{module.model.num_parameters(non_embedding=True):,}", cfg.pe.name)
     for lg in trainer.loggers:
         lg.log_hyperparams({**run_config, "n_parameters": n_params})
-        if hasattr(lg, "wandb_mode"):
+        if hasattr(lg, "wandb_mode") and trainer.is_global_zero:  # other ranks have no W&B run
             record_run(lg, output_dir / "wandb_run.json")
 
     # 3. Train. Resuming restores weights, optimizer, schedule and loop state; the module's
@@ -119,6 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None and module.last_saved_step != trainer.global_step:
         trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")  # steps after the last val
+    if not trainer.is_global_zero:  # multi-process training: the first process measures
+        return {}
 
     # 4. The final measurement, with the final weights: perplexity at multiples of the training
     # length, or the task's metrics on its test sets.

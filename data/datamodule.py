@@ -134,19 +134,74 @@ def _windows(stream: SplitStream, starts: np.ndarray, length: int) -> dict[str, 
     }
 
 
-class BatchStream(IterableDataset):
-    """An infinite stream where batch k is `self.batch(k)`, a function of k alone; workers take
-    every `num_workers`-th batch, so the order is the same with any worker count."""
+def trainer_layout(datamodule: L.LightningDataModule) -> tuple[int, int, int]:
+    """(world size, global rank, gradient accumulation) of the trainer the datamodule is attached
+    to; (1, 0, 1) without one."""
+    trainer = datamodule.trainer
+    if trainer is None:
+        return 1, 0, 1
+    return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
 
-    start_batch: int = 0  # subclasses set it and define `batch(k) -> dict[str, Tensor]`
+
+class BatchStream(IterableDataset):
+    """An infinite stream of micro-batches; what each one holds is a function of its index alone.
+
+    Global batch k (`batch_size` rows) is `self.batch(k)`. One optimizer step consumes it, split
+    across `world_size` processes and `accumulate` micro-batches each: this process's micro-batch
+    m is part `(m % accumulate) * world_size + rank` of global batch `m // accumulate`, one of
+    `world_size * accumulate` equal, disjoint row slices (`self.micro_batch(m)`). So the global
+    batch, the data order and every loss curve stay the same whatever the device count and
+    accumulation, and `start_batch = global_step * accumulate` resumes exactly. DataLoader workers
+    take every `num_workers`-th micro-batch, so the order is the same with any worker count.
+    Subclasses define `batch(k)` and `batch_size`, or `rows(k)` and `collate(rows)`.
+    """
+
+    start_batch: int = 0
+    world_size: int = 1
+    rank: int = 0
+    accumulate: int = 1
+    batch_size: int = 1
+    batch_size_key = "data.batch_size"  # named in errors
+
+    def shard(self, world_size: int = 1, rank: int = 0, accumulate: int = 1) -> BatchStream:
+        """Serve process `rank` of `world_size`, each accumulating `accumulate` micro-batches per
+        step; ConfigError unless `data.batch_size` splits evenly."""
+        parts = world_size * accumulate
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"{self.batch_size_key}={self.batch_size} (the global batch) does not split into "
+                f"{world_size} device(s) x {accumulate} accumulation step(s); choose a multiple "
+                f"of {parts}")
+        self.world_size, self.rank, self.accumulate = world_size, rank, accumulate
+        return self
+
+    def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
+        """This process's micro-batch m (see the class docstring)."""
+        k, a = divmod(m, self.accumulate)
+        parts = self.world_size * self.accumulate
+        if parts == 1:
+            return self.batch(k)
+        size = self.batch_size // parts
+        part = a * self.world_size + self.rank
+        return self.collate(self.rows(k)[part * size : (part + 1) * size])
+
+    def rows(self, k: int) -> Any:
+        raise NotImplementedError
+
+    def collate(self, rows: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Global batch k, whole."""
+        return self.collate(self.rows(k))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        k = self.start_batch + (info.id if info is not None else 0)
+        m = self.start_batch + (info.id if info is not None else 0)
         step = info.num_workers if info is not None else 1
         while True:
-            yield self.batch(k)
-            k += step
+            yield self.micro_batch(m)
+            m += step
 
 
 class TrainBatches(BatchStream):
@@ -177,10 +232,13 @@ class TrainBatches(BatchStream):
         epoch, j = divmod(k, self.batches_per_epoch)
         return self.permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
 
-    def batch(self, k: int) -> dict[str, torch.Tensor]:
-        """Global batch k: input_ids/targets long [B, T], boundary bool [B, T]."""
-        starts = self.block_indices(k) * self.block_size
-        return _windows(self.stream, starts, self.block_size)
+    def rows(self, k: int) -> np.ndarray:
+        """int64 [B]: start offsets of the blocks of global batch k."""
+        return self.block_indices(k) * self.block_size
+
+    def collate(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """input_ids/targets long [b, T], boundary bool [b, T] for the blocks starting at rows."""
+        return _windows(self.stream, rows, self.block_size)
 
 
 
@@ -473,8 +531,10 @@ class LMDataModule(L.LightningDataModule):
         return ds
 
     def train_dataloader(self) -> DataLoader:
-        """Infinite, deterministic: batch k is a function of (seed, k); starts at start_batch."""
-        return DataLoader(self.train_dataset(), batch_size=None, **self._loader_kwargs())
+        """Infinite, deterministic: batch k is a function of (seed, k); starts at start_batch;
+        under a trainer, this process's share of each global batch (`BatchStream`)."""
+        ds = self.train_dataset().shard(*trainer_layout(self))
+        return DataLoader(ds, batch_size=None, **self._loader_kwargs())
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = BlockDataset(self._stream(split), self.cfg.block_size, self._eod(), pad_last=True,

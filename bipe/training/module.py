@@ -82,7 +82,9 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         total, count = self._loss(batch)
         loss = total / count.clamp(min=1)
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        # Several processes: log the mean over their shares, i.e. the global batch's loss.
+        self.log("train/loss", loss, on_step=True, prog_bar=True,
+                 sync_dist=self.trainer.world_size > 1)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

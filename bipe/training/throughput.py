@@ -13,7 +13,8 @@ class TokenThroughput(L.Callback):
     """Tokens per second over the last `window` training batches (data loading included,
     validation excluded), plus run totals in `total_tokens` and `train_seconds`.
 
-    A token is one input position (`input_ids.numel()`), whether or not it is scored.
+    A token is one input position (`input_ids.numel()`), whether or not it is scored; with
+    several processes, each process's batch counts `world_size` times (they are equal shares).
     """
 
     def __init__(self, window: int = 20):
@@ -30,7 +31,7 @@ class TokenThroughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        tokens = int(batch["input_ids"].numel())
+        tokens = int(batch["input_ids"].numel()) * trainer.world_size  # every process's share
         now = time.perf_counter()
         assert self._last_end is not None
         self.train_seconds += now - self._last_end

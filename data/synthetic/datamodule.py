@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from bipe.errors import ConfigError
-from data.datamodule import BatchStream
+from data.datamodule import BatchStream, trainer_layout
 
 from .example import IGNORE_INDEX, EncodedExample
 from .metrics import arithmetic_accuracy, bi_nfa_accuracy
@@ -80,6 +80,8 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, Tensor
 class TrainBatches(BatchStream):
     """Infinite stream of training batches; batch k depends only on (seed, k)."""
 
+    batch_size_key = "task.batch_size"
+
     def __init__(self, task: ArithmeticTask | BiNFATask, batch_size: int, seed: int,
                  held_out: frozenset[tuple[int, ...]], start_batch: int = 0) -> None:
         self.task = task
@@ -98,9 +100,13 @@ class TrainBatches(BatchStream):
                 out.append(example)
         return out
 
-    def batch(self, k: int) -> dict[str, Tensor]:
-        """Global batch k, collated."""
-        return collate(self.examples(k), self.task.pad_id)
+    def rows(self, k: int) -> list[EncodedExample]:
+        """The examples of global batch k."""
+        return self.examples(k)
+
+    def collate(self, rows: list[EncodedExample]) -> dict[str, Tensor]:
+        """Right-padded to the longest of `rows` (see `collate`)."""
+        return collate(rows, self.task.pad_id)
 
 
 
@@ -178,7 +184,7 @@ class SyntheticDataModule(L.LightningDataModule):
         """Infinite, deterministic: batch k = f(seed, k), starting at `self.start_batch`."""
         self.setup()
         data = TrainBatches(self.task, self.cfg["batch_size"], self.seed, self._held_out,
-                            self.start_batch)
+                            self.start_batch).shard(*trainer_layout(self))
         workers = self.cfg["num_workers"]
         return DataLoader(data, batch_size=None, num_workers=workers,
                           persistent_workers=workers > 0)

@@ -57,7 +57,7 @@ class DataConfig:
     name: str = "shakespeare"
     segmenter: str = "punkt"
     block_size: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # blocks per optimizer step, split across devices and accumulation
     num_workers: int = 0
     pin_memory: bool | None = None  # None: pin when CUDA is available
     cache_dir: str = field(default_factory=default_cache_dir)

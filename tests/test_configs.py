@@ -163,3 +163,15 @@ def test_sweep_job_folder_names_stay_short_and_unique():
     a, b = short_dirname(long_a), short_dirname(long_b)
     assert len(a) == len(b) == 120 and a != b and a.startswith("task.key0=0,")
 
+
+
+def test_slurm_launcher_composes_and_its_plugin_loads():
+    """hydra/launcher=slurm: Hydra's submitit plugin builds its launcher (no cluster needed)."""
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.nodes) == ("gpu", 1)

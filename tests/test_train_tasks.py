@@ -99,13 +99,15 @@ def test_task_scores_add_over_batches_like_one_batch():
 
 @pytest.mark.slow
 def test_a_two_job_sweep_and_its_summary(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "HF_DATASETS_OFFLINE": "1"}
+    """Two jobs in parallel (Hydra's joblib launcher), then the summary command."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+           "HF_DATASETS_OFFLINE": "1"}
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=arithmetic_sweep",
          "pe=rope,bipe_rope", "model.hidden_size=16", *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
-         f"hydra.sweep.dir={sweep}"],
+         f"hydra.sweep.dir={sweep}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = sorted(sweep.glob("*/task_eval.json"))

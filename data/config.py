@@ -93,6 +93,9 @@ class DataConfig:
     max_eval_documents: int | None = 500
     max_train_chars: int | None = 200_000_000
     max_eval_chars: int | None = 20_000_000
+    hf_data_files: Mapping[str, Any] | None = None  # per split, for local builders (json, text)
+    streaming: bool = False  # pg19/pile: stream the whole train split (caps: tokenizer/eval only)
+    shuffle_buffer: int = 10_000  # streaming: documents in the seeded shuffle buffer
 
     @classmethod
     def from_dict(cls, cfg: Any) -> DataConfig:
@@ -196,6 +199,12 @@ class DataConfig:
             raise ConfigError(f"data.newline_boundaries={self.newline_boundaries!r} must be a bool")
         if not self.text_key:
             raise ConfigError("data.text_key must name the JSON field that holds the text")
+        if not isinstance(self.streaming, bool):
+            raise ConfigError(f"data.streaming={self.streaming!r} must be true or false")
+        if self.streaming and self.name not in ("pg19", "pile"):
+            raise ConfigError(f"data.streaming=true reads a Hugging Face dataset; data={self.name} "
+                              "is read whole (use data=pg19 or data=pile)")
+        _check_int("data.shuffle_buffer", self.shuffle_buffer, 1)
 
     @property
     def cache_root(self) -> str:

@@ -461,6 +461,9 @@ class LMDataModule(L.LightningDataModule):
         per_block = segments_per_block(train.boundary, t)
         stats["train_blocks"] = int(len(per_block))
         stats["batches_per_epoch"] = int(len(per_block) // self.cfg.batch_size)
+        # Streaming: training reads the whole split; these train figures describe the cached
+        # sample (which also sets the segment counts a BiPE checkpoint records).
+        stats["train_streaming"] = self.cfg.streaming
         has_blocks = len(per_block) > 0
         stats["segments_per_block_mean"] = round(float(per_block.mean()), 3) if has_blocks else 0.0
         stats["max_segments_per_block"] = int(per_block.max()) if has_blocks else 0
@@ -533,6 +536,12 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Infinite, deterministic: batch k is a function of (seed, k); starts at start_batch;
         under a trainer, this process's share of each global batch (`BatchStream`)."""
+        if self.cfg.streaming:  # the whole Hugging Face train split (data/streaming.py)
+            from .streaming import StreamingBatches
+
+            stream = StreamingBatches(self.cfg, self.tokenizer.to_str(), self._eod(), self.seed,
+                                      self.start_batch).shard(*trainer_layout(self))
+            return DataLoader(stream, batch_size=None, **self._loader_kwargs())
         ds = self.train_dataset().shard(*trainer_layout(self))
         return DataLoader(ds, batch_size=None, **self._loader_kwargs())
 

@@ -499,20 +499,61 @@ class HubSource(Source):
             "text_key": cfg.text_key,
             "limits": [cfg.max_train_documents, cfg.max_eval_documents, cfg.max_train_chars,
                        cfg.max_eval_chars],
+            "data_files": None if not self._local() else {
+                split: _stat_fingerprint([Path(f) for f in _as_list(files)], None)
+                for split, files in sorted(cfg.hf_data_files.items())},
         }
+
+    def _local(self) -> bool:
+        """Local files through a `datasets` builder (`hf_path: json`, `hf_data_files`)."""
+        return self.cfg.hf_data_files is not None
+
+    def open_split(self, split: str) -> Any:
+        """The `datasets` streaming IterableDataset of one of our splits (DataError offline)."""
+        cfg = self.cfg
+        if not self._local():
+            reason = _offline_reason()
+            if reason is not None:
+                raise DataError(
+                    f"data={cfg.name} streams {self._path()} from the Hugging Face Hub, but "
+                    f"{reason}; {OFFLINE_HINT}"
+                )
+        import datasets
+
+        hf_split = cfg.hf_splits.get(split)
+        if not hf_split:
+            raise ConfigError(f"data.hf_splits has no entry for {split!r}")
+        kwargs: dict[str, Any] = {"streaming": True}
+        if self._local():
+            files = cfg.hf_data_files.get(hf_split)
+            if not files:
+                raise ConfigError(f"data.hf_data_files has no entry for split {hf_split!r}")
+            kwargs["data_files"] = {hf_split: files}
+        else:
+            kwargs.update(name=cfg.hf_name, revision=cfg.hf_revision)
+        return datasets.load_dataset(self._path(), split=hf_split, **kwargs)
+
+    def texts(self, stream: Iterable[dict[str, Any]], reader: FileReader
+              ) -> Iterator[tuple[int, str]]:
+        """(record index, text) of the records kept: the pile subset, non-empty text."""
+        for i, record in enumerate(stream):
+            if self.cfg.name == "pile":
+                meta = record.get("meta") or {}
+                if isinstance(meta, str):  # some dumps store meta as a JSON string
+                    meta = json.loads(meta)
+                if meta.get("pile_set_name") != self.cfg.subset:
+                    continue
+            text = record.get(self.cfg.text_key)
+            if not isinstance(text, str):
+                raise DataError(
+                    f"data={self.cfg.name}: records have no string field "
+                    f"data.text_key={self.cfg.text_key!r} (fields: {', '.join(record)})"
+                )
+            if reader.keep(text):
+                yield i, text
 
     def load(self) -> Corpus:
         cfg = self.cfg
-        reason = _offline_reason()
-        if reason is not None:
-            raise DataError(
-                f"data={cfg.name} streams {self._path()} from the Hugging Face Hub, but "
-                f"{reason}; {OFFLINE_HINT}"
-            )
-        try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - datasets is a requirement
-            raise DataError(f"data={cfg.name} needs the datasets package: {e}") from e
         reader = FileReader()
         splits: dict[str, list[Document]] = {}
         for split in SPLITS:
@@ -523,12 +564,9 @@ class HubSource(Source):
             max_docs = cfg.max_train_documents if is_train else cfg.max_eval_documents
             max_chars = cfg.max_train_chars if is_train else cfg.max_eval_chars
             try:
-                stream = datasets.load_dataset(
-                    self._path(), name=cfg.hf_name, split=hf_split, streaming=True,
-                    revision=cfg.hf_revision,
-                )
+                stream = self.open_split(split)
                 splits[split] = list(self._take(stream, split, max_docs, max_chars, reader))
-            except DataError:
+            except (DataError, ConfigError):
                 raise
             except Exception as e:  # any hub failure becomes one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -548,29 +586,18 @@ class HubSource(Source):
     def _take(self, stream: Iterable[dict[str, Any]], split: str, max_docs: int | None,
               max_chars: int | None, reader: FileReader) -> Iterator[Document]:
         """Documents of one split until a cap is reached (the pile subset filtered first)."""
-        n_docs = n_chars = 0
-        for i, record in enumerate(stream):
-            if self.cfg.name == "pile":
-                meta = record.get("meta") or {}
-                if isinstance(meta, str):  # some dumps store meta as a JSON string
-                    meta = json.loads(meta)
-                if meta.get("pile_set_name") != self.cfg.subset:
-                    continue
-            text = record.get(self.cfg.text_key)
-            if not isinstance(text, str):
-                raise DataError(
-                    f"data={self.cfg.name}: records have no string field "
-                    f"data.text_key={self.cfg.text_key!r} (fields: {', '.join(record)})"
-                )
-            if not reader.keep(text):
-                continue
+        n_chars = 0
+        for n_docs, (i, text) in enumerate(self.texts(stream, reader), start=1):
             yield Document(f"{split}:{i}", text)
-            n_docs += 1
             n_chars += len(text)
             if (max_docs is not None and n_docs >= max_docs) or (
                 max_chars is not None and n_chars >= max_chars
             ):
                 return
+
+
+def _as_list(files: Any) -> list[str]:
+    return [files] if isinstance(files, str) else [str(f) for f in files]
 
 
 def make_source(cfg: DataConfig) -> Source:

@@ -1,0 +1,135 @@
+"""Pretraining on a whole Hugging Face corpus without downloading it first (`data.streaming=true`).
+
+With `data=pg19` or `data=pile` the packed cache holds a capped sample (`data.max_*`): the
+tokenizer is trained on it and validation/test come from it. `data.streaming=true` additionally
+makes training read the *whole* train split as a `datasets` streaming dataset:
+
+* Order: `IterableDataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer)`, with
+  `set_epoch(e)` for epoch e, so the document order is a function of (seed, epoch).
+* Sharding: reader g of G (G = processes x DataLoader workers, g = rank x workers + worker)
+  keeps documents i with `i % G == g`, so no document is read into two shares.
+* Work in the reader: documents are tokenized (`DocumentEncoder`) and segmented (`Segmenter`,
+  the same rules as the cache) in the DataLoader worker that reads them, then packed like the
+  cache (each document followed by the end-of-document token, whose flag closes the segment)
+  into blocks of `block_size + 1` tokens that overlap by one.
+* Batches: each process makes micro-batches of `batch_size / (processes x accumulation)` blocks
+  (the global batch semantics of `BatchStream`); with W workers, worker w makes the process's
+  micro-batches w, w + W, ...
+* Resume: micro-batch m of a process is the m-th it makes from its own documents, so
+  `start_batch = global_step x accumulation` resumes exactly by replaying (reading and tokenizing,
+  not training) the micro-batches before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import IterableDataset, get_worker_info
+
+from bipe.errors import ConfigError
+
+from .config import DataConfig
+from .segment import Segmenter
+from .sources import FileReader, HubSource
+from .tokenizer import DocumentEncoder
+
+log = logging.getLogger(__name__)
+
+
+class StreamingBatches(IterableDataset):
+    """Infinite micro-batches of `input_ids`/`targets` long `[b, T]`, `boundary` bool `[b, T]`."""
+
+    batch_size_key = "data.batch_size"
+
+    def __init__(self, cfg: DataConfig, tokenizer_json: str, eod_id: int, seed: int,
+                 start_batch: int = 0) -> None:
+        self.cfg = cfg
+        self.tokenizer_json = tokenizer_json
+        self.eod_id = eod_id
+        self.seed = seed
+        self.start_batch = start_batch
+        self.batch_size = cfg.batch_size
+        self.world_size, self.rank, self.accumulate = 1, 0, 1
+
+    def shard(self, world_size: int = 1, rank: int = 0, accumulate: int = 1) -> StreamingBatches:
+        """Serve process `rank` of `world_size`, `accumulate` micro-batches per step."""
+        parts = world_size * accumulate
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"{self.batch_size_key}={self.batch_size} (the global batch) does not split into "
+                f"{world_size} device(s) x {accumulate} accumulation step(s); choose a multiple "
+                f"of {parts}")
+        self.world_size, self.rank, self.accumulate = world_size, rank, accumulate
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.world_size * self.accumulate)
+
+    def documents(self, reader: int, readers: int) -> Iterator[str]:
+        """Texts of this reader's share, epoch after epoch (each epoch shuffled anew)."""
+        source = HubSource(self.cfg)
+        stream = source.open_split("train").shuffle(seed=self.seed,
+                                                     buffer_size=self.cfg.shuffle_buffer)
+        epoch = 0
+        while True:
+            stream.set_epoch(epoch)
+            mine = 0
+            for i, text in source.texts(stream, FileReader()):
+                if i % readers == reader:
+                    mine += 1
+                    yield text
+            if not mine:
+                raise ConfigError(
+                    f"data={self.cfg.name}: reader {reader} of {readers} (processes x "
+                    "data.num_workers) got no document of the streamed train split; use fewer "
+                    "workers or check data.hf_data_files / data.subset")
+            epoch += 1
+
+    def blocks(self, reader: int, readers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64 [T + 1], boundary bool [T + 1]) windows packed from this reader's share."""
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        encoder, segmenter = DocumentEncoder(tok), Segmenter(self.cfg, tok)
+        T = self.cfg.block_size
+        ids_buf: list[np.ndarray] = []
+        flags_buf: list[np.ndarray] = []
+        held = 0
+        for text in self.documents(reader, readers):
+            ids, starts = encoder.encode_many([text])[0]
+            if len(ids) == 0:
+                continue
+            flags = segmenter.boundaries(text, ids, starts)
+            ids_buf += [ids.astype(np.int64), np.array([self.eod_id], dtype=np.int64)]
+            flags_buf += [np.asarray(flags, dtype=bool), np.array([True])]
+            held += len(ids) + 1
+            if held < T + 1:
+                continue
+            ids_all, flags_all = np.concatenate(ids_buf), np.concatenate(flags_buf)
+            n = (len(ids_all) - 1) // T  # full windows; the last token of one starts the next
+            for j in range(n):
+                yield ids_all[j * T : j * T + T + 1], flags_all[j * T : j * T + T + 1]
+            ids_buf, flags_buf = [ids_all[n * T :]], [flags_all[n * T :]]
+            held = len(ids_buf[0])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        worker = info.id if info is not None else 0
+        readers = self.world_size * workers
+        reader = self.rank * workers + worker
+        b = self.micro_batch_size
+        windows = self.blocks(reader, readers)
+        m = worker  # this worker makes the process's micro-batches worker, worker + W, ...
+        while True:
+            rows = [next(windows) for _ in range(b)]
+            if m >= self.start_batch:
+                w = np.stack([r[0] for r in rows])
+                f = np.stack([r[1] for r in rows])
+                yield {"input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :-1])),
+                       "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:])),
+                       "boundary": torch.from_numpy(np.ascontiguousarray(f[:, :-1]))}
+            m += workers

@@ -484,11 +484,6 @@ class HubSource(Source):
 
     def fingerprint(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.name == "pile" and not cfg.subset:
-            raise ConfigError(
-                "data=pile needs data.subset (e.g. 'Gutenberg (PG-19)', ArXiv, Github, "
-                "OpenWebText2)"
-            )
         return {
             "source": cfg.name,
             "hf_path": self._path(),
@@ -537,7 +532,7 @@ class HubSource(Source):
               ) -> Iterator[tuple[int, str]]:
         """(record index, text) of the records kept: the pile subset, non-empty text."""
         for i, record in enumerate(stream):
-            if self.cfg.name == "pile":
+            if self.cfg.name == "pile" and self.cfg.subset:  # null: the whole Pile
                 meta = record.get("meta") or {}
                 if isinstance(meta, str):  # some dumps store meta as a JSON string
                     meta = json.loads(meta)

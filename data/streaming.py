@@ -6,8 +6,11 @@ makes training read the *whole* train split as a `datasets` streaming dataset:
 
 * Order: `IterableDataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer)`, with
   `set_epoch(e)` for epoch e, so the document order is a function of (seed, epoch).
-* Sharding: reader g of G (G = processes x DataLoader workers, g = rank x workers + worker)
-  keeps documents i with `i % G == g`, so no document is read into two shares.
+* Sharding: processes split the stream with `datasets.distributed.split_dataset_by_node`
+  (whole files when their count divides by the process count, else every world_size-th
+  document), and inside a process `datasets` gives each DataLoader worker its own files, so no
+  document is read twice and no reader downloads what it does not use. A worker left without a
+  file (`data.num_workers` above the files per process) is a one-line error.
 * Work in the reader: documents are tokenized (`DocumentEncoder`) and segmented (`Segmenter`,
   the same rules as the cache) in the DataLoader worker that reads them, then packed like the
   cache (each document followed by the end-of-document token, whose flag closes the segment)
@@ -70,27 +73,34 @@ class StreamingBatches(IterableDataset):
     def micro_batch_size(self) -> int:
         return self.batch_size // (self.world_size * self.accumulate)
 
-    def documents(self, reader: int, readers: int) -> Iterator[str]:
-        """Texts of this reader's share, epoch after epoch (each epoch shuffled anew)."""
+    def documents(self) -> Iterator[str]:
+        """Texts of this process's (and, inside a DataLoader worker, this worker's) share, epoch
+        after epoch, each epoch shuffled anew."""
+        from datasets.distributed import split_dataset_by_node
+
         source = HubSource(self.cfg)
         stream = source.open_split("train").shuffle(seed=self.seed,
                                                      buffer_size=self.cfg.shuffle_buffer)
+        if self.world_size > 1:
+            stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
         epoch = 0
         while True:
             stream.set_epoch(epoch)
             mine = 0
-            for i, text in source.texts(stream, FileReader()):
-                if i % readers == reader:
-                    mine += 1
-                    yield text
+            for _, text in source.texts(stream, FileReader()):
+                mine += 1
+                yield text
             if not mine:
+                info = get_worker_info()
+                where = f"process {self.rank}" + (f", loader worker {info.id}" if info else "")
                 raise ConfigError(
-                    f"data={self.cfg.name}: reader {reader} of {readers} (processes x "
-                    "data.num_workers) got no document of the streamed train split; use fewer "
-                    "workers or check data.hf_data_files / data.subset")
+                    f"data={self.cfg.name}: {where} got no document of the streamed train split "
+                    f"({stream.num_shards} file(s) for {info.num_workers if info else 1} "
+                    "worker(s)); set data.num_workers to at most the files per process, or "
+                    "check data.hf_data_files / data.subset")
             epoch += 1
 
-    def blocks(self, reader: int, readers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64 [T + 1], boundary bool [T + 1]) windows packed from this reader's share."""
         tok = Tokenizer.from_str(self.tokenizer_json)
         encoder, segmenter = DocumentEncoder(tok), Segmenter(self.cfg, tok)
@@ -98,7 +108,7 @@ class StreamingBatches(IterableDataset):
         ids_buf: list[np.ndarray] = []
         flags_buf: list[np.ndarray] = []
         held = 0
-        for text in self.documents(reader, readers):
+        for text in self.documents():
             ids, starts = encoder.encode_many([text])[0]
             if len(ids) == 0:
                 continue
@@ -119,10 +129,8 @@ class StreamingBatches(IterableDataset):
         info = get_worker_info()
         workers = info.num_workers if info is not None else 1
         worker = info.id if info is not None else 0
-        readers = self.world_size * workers
-        reader = self.rank * workers + worker
         b = self.micro_batch_size
-        windows = self.blocks(reader, readers)
+        windows = self.blocks()
         m = worker  # this worker makes the process's micro-batches worker, worker + W, ...
         while True:
             rows = [next(windows) for _ in range(b)]

@@ -165,12 +165,6 @@ def test_hub_offline_fails_at_once(tmp_path, monkeypatch, name):
     assert not list((tmp_path / "packed").glob(f"{name}-*"))  # nothing half-written
 
 
-def test_pile_needs_subset(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        LMDataModule({"name": "pile", "cache_dir": str(tmp_path)}).prepare_data()
-    assert "data.subset" in one_line(e)
-
-
 def test_corrupted_cache_is_detected_and_rebuilt(tmp_path, caplog):
     cfg = cfg_for(tmp_path)
     dm = ready(cfg)

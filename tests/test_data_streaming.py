@@ -19,10 +19,10 @@ from tests.conftest import WORDS
 N_DOCS = 24
 
 
-def write_jsonl(path: Path, docs: int, seed: int) -> str:
+def write_jsonl(path: Path, docs: int, seed: int, first: int = 0) -> str:
     rng = np.random.default_rng(seed)
     lines = []
-    for d in range(docs):
+    for d in range(first, first + docs):
         sentences = [" ".join(rng.choice(WORDS, size=rng.integers(3, 9))).capitalize() + "."
                      for _ in range(rng.integers(4, 12))]
         lines.append(json.dumps({"text": f"Document {d}. " + " ".join(sentences)}))
@@ -34,7 +34,10 @@ def write_jsonl(path: Path, docs: int, seed: int) -> str:
 def cfg(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hub")
     files = {split: write_jsonl(root / f"{split}.jsonl", n, seed)
-             for split, n, seed in (("train", N_DOCS, 0), ("validation", 4, 1), ("test", 4, 2))}
+             for split, n, seed in (("validation", 4, 1), ("test", 4, 2))}
+    half = N_DOCS // 2  # the train split as two files (shards), like a real hub dataset
+    files["train"] = [write_jsonl(root / f"train-{i}.jsonl", half, 3 + i, first=i * half)
+                      for i in range(2)]
     return {"name": "pg19", "hf_path": "json", "hf_data_files": files, "streaming": True,
             "shuffle_buffer": 8, "max_train_documents": 6, "segmenter": "punkt",
             "block_size": 16, "batch_size": 4, "tokenizer": {"vocab_size": 300},
@@ -68,11 +71,12 @@ def test_streaming_batches_are_seeded_resumable_and_packed_like_the_cache(cfg):
     resumed = ready(cfg)
     resumed.start_batch = 5
     assert (take(resumed.train_dataloader(), 1)[0]["input_ids"] == first[5]["input_ids"]).all()
-    # More than the capped 6 documents are read: the whole split streams (each doc's first
-    # token after an end-of-document token is its "Document" word).
+    # Documents beyond the capped sample (the first 6 records, "Document 0" to "5") are read:
+    # the whole split streams.
     tok = dm.tokenizer
     text = tok.decode(np.concatenate([b["input_ids"].flatten().numpy() for b in first]).tolist())
-    assert len({w.split(".")[0] for w in text.split("Document ")[1:]}) > 6
+    numbers = {int(w.split(".")[0]) for w in text.split("Document ")[1:]}
+    assert max(numbers) >= 6, numbers
     eod = dm.eod_id
     for b in first:  # the end-of-document token closes a segment, as in the cache
         assert b["boundary"][b["input_ids"] == eod].all()
@@ -84,12 +88,43 @@ def test_processes_read_disjoint_documents(cfg):
     seen = []
     for rank in range(2):
         stream = StreamingBatches(config, dm.tokenizer.to_str(), dm.eod_id, seed=0).shard(2, rank)
-        docs = list(zip(range(N_DOCS // 2), stream.documents(rank, 2), strict=False))
+        docs = list(zip(range(N_DOCS // 2), stream.documents(), strict=False))  # one epoch
         seen.append({d.split(".")[0] for _, d in docs})
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) == N_DOCS // 2 and not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == N_DOCS  # together: every document, each once
 
 
 def test_streaming_needs_a_hub_source(cfg):
     with pytest.raises(ConfigError, match="data.streaming=true"):
         DataConfig.from_dict({"name": "shakespeare", "streaming": True})
+
+
+@pytest.mark.parametrize(("subset", "kept"), [("ArXiv", {"a0", "a1"}), (None, {"a0", "a1", "g0"})])
+def test_pile_subset_filters_by_pile_set_name_and_null_keeps_all(tmp_path, subset, kept):
+    from data.sources import FileReader, HubSource
+
+    records = [("a0", "ArXiv"), ("g0", "Github"), ("a1", "ArXiv")]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "meta": {"pile_set_name": m}}) + "\n"
+                            for t, m in records))
+    config = DataConfig.from_dict({"name": "pile", "subset": subset, "hf_path": "json",
+                                   "hf_data_files": {"train": str(path)},
+                                   "cache_dir": str(tmp_path / "cache")})
+    source = HubSource(config)
+    assert {t for _, t in source.texts(source.open_split("train"), FileReader())} == kept
+
+
+def test_loader_workers_tokenize_their_own_files(cfg):
+    """Two DataLoader workers: each reads, tokenizes and packs the documents of its own file;
+    more workers than files is a one-line error, not a silent stall."""
+    dm = ready({**cfg, "num_workers": 2})
+    batches = take(dm.train_dataloader(), 6)
+    assert all(b["input_ids"].shape == (4, 16) for b in batches)
+    tok = dm.tokenizer
+    for worker in range(2):  # batches alternate between workers; worker w has file w only
+        text = tok.decode(np.concatenate(
+            [b["input_ids"].flatten().numpy() for b in batches[worker::2]]).tolist())
+        numbers = {int(w.split(".")[0]) for w in text.split("Document ")[1:]}
+        assert numbers and all(n // (N_DOCS // 2) == worker for n in numbers), (worker, numbers)
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        take(ready({**cfg, "num_workers": 3}).train_dataloader(), 6)

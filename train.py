@@ -87,8 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = builders.logger(cfg)
     callbacks = builders.callbacks(cfg, with_logger=bool(logger))
     trainer = builders.trainer(cfg, callbacks, logger)
-    dm = builders.datamodule(
-        cfg, start_ckpt[CHECKPOINT_KEY]["tokenizer"] if start_ckpt else None, output_dir)
+    dm = builders.datamodule(cfg, start_ckpt[CHECKPOINT_KEY] if start_ckpt else None, output_dir)
     model_cfg = builders.model_config(cfg, vocab_size=dm.tokenizer.get_vocab_size())
     metadata = {"tokenizer": dm.tokenizer.to_str(), "data_stats": dm.stats,
                 "run_config": run_config}
@@ -179,10 +178,12 @@ def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
     (Path(cfg.paths.output_dir) / "task_eval.json").write_text(json.dumps(
         {"task": dm.task_name, "pe": cfg.pe.name, "model": module.model_config.to_dict(),
          "n_parameters": module.model.num_parameters(), "seed": cfg.seed,
-         "global_step": trainer.global_step, "task_config": dict(dm.cfg), "split": "test",
+         "global_step": trainer.global_step, "task_config": dict(dm.cfg),
+         "split": getattr(dm, "test_split", "test"),
          "results": rows}, indent=2))
     metrics = {f"test/{r['setting']}/{k}": r[k] for r in rows
-               for k in ("loss", "accuracy", "exact", "token_accuracy", "sequence_accuracy")
+               for k in ("loss", "accuracy", "exact", "token_accuracy", "sequence_accuracy",
+                         "score")
                if k in r}
     table = format_task_table(rows, f"test {dm.task_name}: pe={cfg.pe.name}, "
                                     f"hidden {module.model_config.hidden_size}, "

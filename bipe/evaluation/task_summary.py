@@ -2,6 +2,7 @@
 
     python -m bipe.evaluation.task_summary multirun/<day>/<time>
     python -m bipe.evaluation.task_summary multirun/<day>/<time> --metric exact
+    python -m bipe.evaluation.task_summary multirun/<day>/<time>    # a SCROLLS sweep: + average
 
 Every job of `python train.py -m experiment=arithmetic_sweep` (or `bi_nfa_sweep`) ends by writing
 `task_eval.json` (test-set metrics per setting, with its encoding, model shape and seed). This
@@ -84,22 +85,28 @@ def summarise(jobs: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any
     return rows
 
 
-def format_summary(rows: Sequence[dict[str, Any]], title: str) -> str:
-    """Rows: encoding x hidden size; columns: settings; cells: mean % over seeds (n seeds)."""
+def format_summary(rows: Sequence[dict[str, Any]], title: str, average: bool = False) -> str:
+    """Rows: encoding x hidden size; columns: settings (+ their average); cells: mean % over
+    seeds."""
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     cell = {(r["pe"], r["hidden_size"], r["setting"]): r for r in rows}
     keys = list(dict.fromkeys((r["pe"], r["hidden_size"]) for r in rows))
     seeds = sorted({r["seeds"] for r in rows})
     note = f" (mean over {seeds[0]} seeds)" if seeds == [seeds[0]] and seeds[0] > 1 else ""
+    columns = [*settings, "average"] if average else settings
     head = f"| {'pe':<11} | {'hidden':>6} | {'params':>8} | " + " | ".join(
-        f"{s:>8}" for s in settings) + " |"
+        f"{s:>8}" for s in columns) + " |"
     lines = [title + note, "", head, "|" + "|".join(
         "-" * (len(c) + 2) for c in head.strip("|").split("|")) + "|"]
     for pe, hidden in keys:
-        values = []
+        values, means = [], []
         for s in settings:
             r = cell.get((pe, hidden, s))
             values.append(f"{'-':>8}" if r is None else f"{100 * r['mean']:>7.1f}%")
+            if r is not None:
+                means.append(r["mean"])
+        if average:  # over the settings this row has (SCROLLS: the paper's average)
+            values.append(f"{100 * sum(means) / len(means):>7.1f}%" if means else f"{'-':>8}")
         params = next(r["n_parameters"] for r in rows
                       if (r["pe"], r["hidden_size"]) == (pe, hidden))
         lines.append(f"| {pe:<11} | {hidden:>6} | {params:>8,} | " + " | ".join(values) + " |")
@@ -119,7 +126,8 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
         writer.writerows(rows)
     os.replace(tmp, out / "summary.csv")
     files["summary.csv"] = out / "summary.csv"
-    table = format_summary(rows, f"{task}: test {metric} by encoding and hidden size")
+    table = format_summary(rows, f"{task}: test {metric} by encoding and hidden size",
+                           average=task == "scrolls")
     (out / "summary.md.tmp").write_text(table + "\n")
     os.replace(out / "summary.md.tmp", out / "summary.md")
     files["summary.md"] = out / "summary.md"

@@ -42,13 +42,35 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> Any:
     return ModelConfig.from_dict({**model, "pe": _plain(cfg.pe)})
 
 
-def datamodule(cfg: DictConfig, tokenizer_json: str | None = None,
+def datamodule(cfg: DictConfig, start_meta: dict[str, Any] | None = None,
                output_dir: Path | None = None) -> Any:
-    """The run's prepared datamodule: `SyntheticDataModule` for a synthetic task, else
-    `LMDataModule` (see `lm_datamodule`)."""
+    """The run's prepared datamodule: `ScrollsDataModule` for SCROLLS, `SyntheticDataModule` for
+    a synthetic task, else `LMDataModule` (see `lm_datamodule`). `start_meta`: the `"bipe"`
+    entry of the checkpoint the run starts from, if any."""
+    tokenizer_json = start_meta["tokenizer"] if start_meta else None
+    if cfg.task.name == "scrolls":
+        return scrolls_datamodule(cfg, start_meta)
     if cfg.task.name != "lm":
         return synthetic_datamodule(cfg, tokenizer_json)
     return lm_datamodule(cfg, tokenizer_json, output_dir)
+
+
+def scrolls_datamodule(cfg: DictConfig, start_meta: dict[str, Any] | None) -> Any:
+    """`ScrollsDataModule` with the pretrained checkpoint's tokenizer and segmenter."""
+    from data.scrolls import ScrollsDataModule
+
+    if not start_meta:
+        raise ConfigError("task=scrolls fine-tunes a pretrained language model: set "
+                          "init_from=<checkpoint or run folder of a text run>")
+    # The pretraining corpus config (its segmenter): a text run's own, or the one a SCROLLS
+    # run recorded from the text run it started from.
+    text_data = start_meta.get("data_stats", {}).get("text_data") or \
+        start_meta["run_config"]["data"]
+    if "segmenter" not in text_data:
+        raise ConfigError(f"init_from={cfg.init_from} was not trained on text (its data is "
+                          f"{text_data.get('name')!r}); SCROLLS needs a language-model checkpoint")
+    return ScrollsDataModule(_plain(cfg.task), start_meta["tokenizer"], text_data,
+                             seed=int(cfg.seed))
 
 
 def synthetic_datamodule(cfg: DictConfig, tokenizer_json: str | None = None) -> Any:

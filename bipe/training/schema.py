@@ -29,7 +29,7 @@ from data.config import TokenizerConfig
 TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "finetune", "optim", "eval", "pe", "model",
                   "data", "task",
                   "trainer", "logger", "callbacks", "paths")
-TASKS = ("lm", "arithmetic", "bi_nfa")  # lm: conf/data corpora; the others: data.synthetic
+TASKS = ("lm", "arithmetic", "bi_nfa", "scrolls")  # lm: conf/data corpora; others their own
 SYNTHETIC_DATA_KEYS = ["name", "block_size"]  # conf/data/synthetic.yaml, chosen by the task
 
 
@@ -142,15 +142,18 @@ def _check_task_and_data(task: Mapping[str, Any], data: Mapping[str, Any]) -> in
     if name == "lm":
         check_keys(task, ["name"], "task")
         if data.get("name") in TASKS:  # conf/data/synthetic.yaml names the task
-            raise ConfigError("data=synthetic only serves task=arithmetic or task=bi_nfa; choose "
-                              "a corpus (data=shakespeare, python_code, ...) for task=lm")
+            raise ConfigError("data=synthetic only serves task=arithmetic, bi_nfa or scrolls; "
+                              "choose a corpus (data=shakespeare, python_code, ...) for task=lm")
         # DataConfig only warns about unknown keys (a library default); a run refuses them.
         check_keys(data, [f.name for f in dataclasses.fields(DataConfig)], "data")
         check_keys(data.get("tokenizer") or {},
                    [f.name for f in dataclasses.fields(TokenizerConfig)], "data.tokenizer")
         return DataConfig.from_dict(data).block_size  # raises ConfigError naming data.*
 
-    from data.synthetic.tasks import resolve
+    if name == "scrolls":
+        from data.scrolls import resolve
+    else:
+        from data.synthetic.tasks import resolve
 
     resolve(task)  # raises ConfigError naming task.*
     if data.get("name") != name:  # conf/data/synthetic.yaml: name: ${task.name}

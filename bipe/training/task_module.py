@@ -129,7 +129,7 @@ def evaluate_task(model: nn.Module, loaders: Sequence[Any], names: Sequence[str]
 
 def format_task_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     """Setting, examples, loss and the rates, one line per setting."""
-    names = [r for r in ("accuracy", "exact", "token_accuracy", "sequence_accuracy")
+    names = [r for r in ("accuracy", "exact", "token_accuracy", "sequence_accuracy", "score")
              if rows and r in rows[0]]
     count_key = "count" if "count" in (rows[0] if rows else {}) else "sequences"
     lines = [title, f"{'setting':>10} {'examples':>9} {'loss':>8} "

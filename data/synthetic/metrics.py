@@ -22,6 +22,7 @@ RATES: dict[str, tuple[str, str]] = {
     "exact": ("exact_count", "count"),  # arithmetic: whole chain equals the reference
     "token_accuracy": ("tokens_correct", "tokens"),  # Bi-NFA: state tokens right
     "sequence_accuracy": ("sequences_correct", "sequences"),  # Bi-NFA: every state token right
+    "score": ("score_sum", "count"),  # SCROLLS: the subset's metric (F1, EM or ROUGE) / 100
 }
 
 

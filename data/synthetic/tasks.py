@@ -27,7 +27,7 @@ from .example import EncodedExample
 
 TASK_NAMES = ("arithmetic", "bi_nfa")
 # The headline metric of each task (`data.synthetic.metrics.RATES`): progress bar, summaries.
-MAIN_METRIC = {"arithmetic": "accuracy", "bi_nfa": "sequence_accuracy"}
+MAIN_METRIC = {"arithmetic": "accuracy", "bi_nfa": "sequence_accuracy", "scrolls": "score"}
 COMMON_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "eval_batch_size": 256,

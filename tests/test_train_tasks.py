@@ -150,4 +150,17 @@ def test_the_summary_averages_seeds(tmp_path):
     rows = summarise(load_jobs(tmp_path), "accuracy")
     assert len(rows) == 1 and rows[0]["mean"] == 0.75 and rows[0]["seeds"] == 2
     assert (rows[0]["min"], rows[0]["max"]) == (0.5, 1.0)
-    assert "75.0%" in format_summary(rows, "t")
+    table = format_summary(rows, "t").splitlines()[2:]  # header, rule, rows: one width
+    assert "75.0%" in table[-1] and len({len(line) for line in table}) == 1
+    assert set(table[1]) == {"|", "-"}
+
+    from bipe.evaluation.task_summary import write_outputs
+
+    files = write_outputs(rows, tmp_path, "arithmetic", "accuracy")
+    other = write_outputs(summarise(load_jobs(tmp_path), "accuracy"), tmp_path, "arithmetic",
+                          "exact_of_chain")  # another metric never overwrites the headline one
+    assert {p.name for p in files.values()} == {"summary.csv", "summary.md",
+                                                "accuracy_vs_hidden.png"}
+    assert {p.name for p in other.values()} == {"summary_exact_of_chain.csv",
+                                                "summary_exact_of_chain.md",
+                                                "accuracy_vs_hidden_exact_of_chain.png"}

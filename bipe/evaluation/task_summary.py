@@ -97,7 +97,7 @@ def format_summary(rows: Sequence[dict[str, Any]], title: str, average: bool = F
     head = f"| {'pe':<11} | {'hidden':>6} | {'params':>8} | " + " | ".join(
         f"{s:>8}" for s in columns) + " |"
     lines = [title + note, "", head, "|" + "|".join(
-        "-" * (len(c) + 2) for c in head.strip("|").split("|")) + "|"]
+        "-" * len(c) for c in head[1:-1].split("|")) + "|"]
     for pe, hidden in keys:
         values, means = [], []
         for s in settings:
@@ -115,31 +115,32 @@ def format_summary(rows: Sequence[dict[str, Any]], title: str, average: bool = F
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: str
                   ) -> dict[str, Path]:
-    """summary.csv, summary.md, accuracy_vs_hidden.png in `out` (each written atomically)."""
+    """summary.csv, summary.md, accuracy_vs_hidden.png in `out` (each written atomically; for a
+    metric other than the task's headline one the names end in `_<metric>`)."""
     from bipe.evaluation.plots import plot_accuracy_vs_hidden
 
-    files = {}
-    tmp = out / "summary.csv.tmp"
+    suffix = "" if metric == MAIN_METRIC[task] else f"_{metric}"
+    names = {"csv": f"summary{suffix}.csv", "md": f"summary{suffix}.md",
+             "png": f"accuracy_vs_hidden{suffix}.png"}
+    files = {name: out / name for name in names.values()}
+    tmp = out / f"{names['csv']}.tmp"
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / "summary.csv")
-    files["summary.csv"] = out / "summary.csv"
+    os.replace(tmp, files[names["csv"]])
     table = format_summary(rows, f"{task}: test {metric} by encoding and hidden size",
                            average=task == "scrolls")
-    (out / "summary.md.tmp").write_text(table + "\n")
-    os.replace(out / "summary.md.tmp", out / "summary.md")
-    files["summary.md"] = out / "summary.md"
+    (out / f"{names['md']}.tmp").write_text(table + "\n")
+    os.replace(out / f"{names['md']}.tmp", files[names["md"]])
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in rows:
         panels.setdefault(r["setting"], {}).setdefault(r["pe"], []).append(
             (r["hidden_size"], r["mean"]))
-    png = out / "accuracy_vs_hidden.png"
-    plot_accuracy_vs_hidden(panels, out / "accuracy_vs_hidden.tmp.png", metric=metric,
+    tmp_png = out / f"{names['png']}.tmp.png"
+    plot_accuracy_vs_hidden(panels, tmp_png, metric=metric,
                             title=f"{task}: test {metric} against hidden size")
-    os.replace(out / "accuracy_vs_hidden.tmp.png", png)
-    files["accuracy_vs_hidden.png"] = png
+    os.replace(tmp_png, files[names["png"]])
     return files
 
 
@@ -148,7 +149,7 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_d
     """A `summary` run in the sweep's W&B group: the table, one line plot per setting, the PNG."""
     from bipe.training.wandb_logger import resolve_mode, sweep_group
 
-    mode = resolve_mode(mode)
+    mode = mode or resolve_mode(None)  # an explicit --wandb-mode beats WANDB_MODE
     if mode == "disabled":
         return
     import wandb
@@ -167,7 +168,8 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_d
             run.log({f"{metric}_vs_hidden/{setting}": wandb.plot.line_series(
                 xs=xs, ys=ys, keys=pes, title=f"{task} {setting}: {metric}",
                 xname="hidden size")})
-        run.log({"figures/accuracy_vs_hidden": wandb.Image(str(files["accuracy_vs_hidden.png"]))})
+        png = next(p for p in files.values() if p.suffix == ".png")
+        run.log({f"figures/{png.stem}": wandb.Image(str(png))})
     finally:
         wandb.finish()
 
@@ -181,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(Bi-NFA); default: the task's headline metric")
     parser.add_argument("--project", default="bipe", help="W&B project")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
-                        help="default: WANDB_MODE, else online if logged in, else offline")
+                        help="wins over WANDB_MODE; default: WANDB_MODE, else online if logged "
+                             "in, else offline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -190,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metric = args.metric or MAIN_METRIC[task]
         rows = summarise(jobs, metric)
         files = write_outputs(rows, args.sweep_dir, task, metric)
-        print(files["summary.md"].read_text(), end="")
+        print(next(p for p in files.values() if p.suffix == ".md").read_text(), end="")
         print(f"{len(jobs)} jobs; wrote {', '.join(str(p) for p in files.values())}")
         log_to_wandb(rows, files, args.sweep_dir, task, metric, args.project, args.wandb_mode)
     except BipeError as exc:

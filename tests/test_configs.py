@@ -21,7 +21,11 @@ NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"],
          ("data", "synthetic"): ["task=arithmetic"],  # the synthetic tasks' own data node
          # the run fills original_max_position from the checkpoint before validating
          ("experiment", "yarn_finetune"): ["init_from=base.ckpt",
-                                           "pe.relative.scaling.original_max_position=46"]}
+                                           "pe.relative.scaling.original_max_position=46"],
+         # SCROLLS fine-tunes a pretrained checkpoint
+         ("task", "scrolls"): ["init_from=base.ckpt"],
+         ("experiment", "scrolls"): ["init_from=base.ckpt"],
+         ("experiment", "scrolls_sweep"): ["init_from=base.ckpt"]}
 
 
 def options(group: str) -> list[str]:

@@ -25,28 +25,28 @@ makes training read the *whole* train split as a `datasets` streaming dataset:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from bipe.errors import ConfigError
 
 from .config import DataConfig
+from .datamodule import BatchStream
 from .segment import Segmenter
 from .sources import FileReader, HubSource
 from .tokenizer import DocumentEncoder
 
-log = logging.getLogger(__name__)
 
+class StreamingBatches(BatchStream):
+    """Infinite micro-batches of `input_ids`/`targets` long `[b, T]`, `boundary` bool `[b, T]`.
 
-class StreamingBatches(IterableDataset):
-    """Infinite micro-batches of `input_ids`/`targets` long `[b, T]`, `boundary` bool `[b, T]`."""
-
-    batch_size_key = "data.batch_size"
+    A `BatchStream` for its global-batch contract (`shard`), but its micro-batches come from
+    reading the stream in order, not from an index, so it has its own `__iter__`.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer_json: str, eod_id: int, seed: int,
                  start_batch: int = 0) -> None:
@@ -56,18 +56,6 @@ class StreamingBatches(IterableDataset):
         self.seed = seed
         self.start_batch = start_batch
         self.batch_size = cfg.batch_size
-        self.world_size, self.rank, self.accumulate = 1, 0, 1
-
-    def shard(self, world_size: int = 1, rank: int = 0, accumulate: int = 1) -> StreamingBatches:
-        """Serve process `rank` of `world_size`, `accumulate` micro-batches per step."""
-        parts = world_size * accumulate
-        if self.batch_size % parts:
-            raise ConfigError(
-                f"{self.batch_size_key}={self.batch_size} (the global batch) does not split into "
-                f"{world_size} device(s) x {accumulate} accumulation step(s); choose a multiple "
-                f"of {parts}")
-        self.world_size, self.rank, self.accumulate = world_size, rank, accumulate
-        return self
 
     @property
     def micro_batch_size(self) -> int:

@@ -186,10 +186,12 @@ class BatchStream(IterableDataset):
         return self.collate(self.rows(k)[part * size : (part + 1) * size])
 
     def rows(self, k: int) -> Any:
-        raise NotImplementedError
+        """Abstract: the rows of global batch k (a subclass defines it, with `collate`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define rows(k)")
 
     def collate(self, rows: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Abstract: one batch of tensors from some rows of a global batch."""
+        raise NotImplementedError(f"{type(self).__name__} must define collate(rows)")
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         """Global batch k, whole."""

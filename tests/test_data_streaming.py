@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from bipe.errors import ConfigError
-from data import DataConfig, LMDataModule
+from data import DataConfig
 from data.streaming import StreamingBatches
 from tests.conftest import WORDS
+from tests.test_data_pipeline import ready
 
 N_DOCS = 24
 
@@ -42,13 +43,6 @@ def cfg(tmp_path_factory) -> dict:
             "shuffle_buffer": 8, "max_train_documents": 6, "segmenter": "punkt",
             "block_size": 16, "batch_size": 4, "tokenizer": {"vocab_size": 300},
             "cache_dir": str(root / "cache")}
-
-
-def ready(cfg: dict, seed: int = 0) -> LMDataModule:
-    dm = LMDataModule(cfg, seed=seed)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
 
 
 def take(stream, n: int) -> list[dict]:

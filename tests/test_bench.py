@@ -32,7 +32,10 @@ def _corpus(root: Path) -> str:
 
 
 def _positive_medians(record: dict) -> list[float]:
-    return [v for k, v in record.items() if k.startswith("median_") and isinstance(v, float)]
+    """Median times and rates: must be > 0. Memory medians are left out: a tiny forward pass may
+    reach no new resident peak, so its measured increase can be exactly 0 MiB."""
+    return [v for k, v in record.items() if k.startswith("median_") and isinstance(v, float)
+            and "mib" not in k]
 
 
 def test_rotations_interleave_contenders() -> None:
@@ -81,6 +84,9 @@ def test_smoke_profile_writes_every_section(tmp_path: Path) -> None:
         figures = [v for r in section["records"] for v in _positive_medians(r)]
         assert figures, f"section {key} has no figures"
         assert all(v > 0 for v in figures), (key, figures)
+        memory = [v for r in section["records"] for k, v in r.items()
+                  if k.startswith("median_") and "mib" in k and isinstance(v, float)]
+        assert all(v >= 0 for v in memory), (key, memory)
         assert f"## {section['title']}" in md
     training = payload["sections"]["training"]["records"]
     assert {r["contender"] for r in training} >= {"ours"}

@@ -129,8 +129,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics, table = _length_eval(cfg, settings, module, dm, trainer, device)
     else:
         metrics, table = _task_eval(cfg, module, dm, trainer, device)
+    # The last validation's metrics (what tuning selects on; never the test sets).
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                    if k in ("val/loss", "val/ppl")})
+                    if k.startswith("val/")})
     for lg in trainer.loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if v is not None},
                        step=trainer.global_step)
@@ -143,8 +144,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train/tokens_per_sec"] = throughput.tokens_per_sec
         print(f"trained on {throughput.total_tokens:,} tokens in {throughput.train_seconds:.0f} s "
               f"({throughput.tokens_per_sec:,.0f} tokens/s)")
+    _write_json(output_dir / "metrics.json", {"global_step": trainer.global_step,
+                                               "seed": cfg.seed, "metrics": metrics})
     print(f"run folder: {output_dir}")
     return metrics
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, written to a temp file first (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The final value of `optimized_metric` (None when unset); ConfigError if the run did not
+    produce that metric."""
+    name = cfg.get("optimized_metric")
+    if not name or not metrics:  # unset, or a process other than the first of several
+        return None
+    if name not in metrics:
+        from bipe.errors import ConfigError
+
+        raise ConfigError(f"optimized_metric={name} is not a metric of this run; choose one of "
+                          f"{', '.join(sorted(metrics))}")
+    return float(metrics[name])
 
 
 def _length_eval(cfg: DictConfig, settings: Any, module: Any, dm: Any, trainer: Any,
@@ -158,10 +182,10 @@ def _length_eval(cfg: DictConfig, settings: Any, module: Any, dm: Any, trainer: 
         tokens_per_batch=cfg.data.batch_size * settings.block_size,
         batch_size=settings.eval.batch_size, max_blocks=settings.eval.max_blocks, device=device,
         precision=cfg.trainer.precision)
-    (Path(cfg.paths.output_dir) / "length_eval.json").write_text(json.dumps(
-        {"pe": cfg.pe.name, "block_size": settings.block_size, "split": settings.eval.split,
-         "global_step": trainer.global_step, "results": [r.to_dict() for r in results]},
-        indent=2))
+    _write_json(Path(cfg.paths.output_dir) / "length_eval.json",
+                {"pe": cfg.pe.name, "block_size": settings.block_size, "seed": cfg.seed,
+                 "split": settings.eval.split, "global_step": trainer.global_step,
+                 "results": [r.to_dict() for r in results]})
     table = format_table(results, f"{settings.eval.split} perplexity vs length: pe={cfg.pe.name}, "
                                   f"trained on {settings.block_size}-token blocks, "
                                   f"step {trainer.global_step}")
@@ -175,12 +199,11 @@ def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
     from bipe.training.task_module import evaluate_task, format_task_table
 
     rows = evaluate_task(module.model, dm.test_dataloader(), dm.val_names, dm.score, device)
-    (Path(cfg.paths.output_dir) / "task_eval.json").write_text(json.dumps(
-        {"task": dm.task_name, "pe": cfg.pe.name, "model": module.model_config.to_dict(),
-         "n_parameters": module.model.num_parameters(), "seed": cfg.seed,
-         "global_step": trainer.global_step, "task_config": dict(dm.cfg),
-         "split": getattr(dm, "test_split", "test"),
-         "results": rows}, indent=2))
+    _write_json(Path(cfg.paths.output_dir) / "task_eval.json",
+                {"task": dm.task_name, "pe": cfg.pe.name, "model": module.model_config.to_dict(),
+                 "n_parameters": module.model.num_parameters(), "seed": cfg.seed,
+                 "global_step": trainer.global_step, "task_config": dict(dm.cfg),
+                 "split": getattr(dm, "test_split", "test"), "results": rows})
     metrics = {f"test/{r['setting']}/{k}": r[k] for r in rows
                for k in ("loss", "accuracy", "exact", "token_accuracy", "sequence_accuracy",
                          "score")
@@ -193,11 +216,10 @@ def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the final validation loss (for sweepers that optimise it)."""
+    """Hydra entry point; returns the final value of `optimized_metric` (for sweepers)."""
     from bipe.training.job import run_job  # imports torch (see `train`)
 
-    metrics = run_job(train, cfg)
-    return metrics.get("val/loss")
+    return run_job(lambda c: optimized_value(c, train(c)), cfg)
 
 
 if __name__ == "__main__":

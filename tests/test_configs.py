@@ -15,7 +15,8 @@ from bipe.training import builders
 from bipe.training.schema import validate_config
 from tests.conftest import CONF, compose_train
 
-GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment"]
+GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment",
+          "hparams_search"]
 # data sources that need a key set to be valid at all
 NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"],
          ("data", "synthetic"): ["task=arithmetic"],  # the synthetic tasks' own data node
@@ -25,7 +26,11 @@ NEEDS = {("data", "text_files"): ["data.glob=/nowhere/*.txt"],
          # SCROLLS fine-tunes a pretrained checkpoint
          ("task", "scrolls"): ["init_from=base.ckpt"],
          ("experiment", "scrolls"): ["init_from=base.ckpt"],
-         ("experiment", "scrolls_sweep"): ["init_from=base.ckpt"]}
+         ("experiment", "scrolls_sweep"): ["init_from=base.ckpt"],
+         # a tuning grid belongs to its study
+         ("hparams_search", "arithmetic_lr"): ["experiment=arithmetic_sweep"],
+         ("hparams_search", "bi_nfa_lr"): ["experiment=bi_nfa_sweep"],
+         ("hparams_search", "text_lr"): ["experiment=text_sweep"]}
 
 
 def options(group: str) -> list[str]:
@@ -34,7 +39,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_documented_options():
     assert set(options("pe")) == {"nope", "sinusoidal", "learned", "rope", "alibi", "bipe_rope",
-                                  "bipe_alibi"}
+                                  "bipe_alibi", "bipe_alibi_x1", "alibi_x16", "alibi_x11"}
     assert {"tiny", "small", "base"} <= set(options("model"))
     assert {"shakespeare", "python_code", "pg19", "pile", "text_files"} <= set(options("data"))
     assert {"cpu", "gpu"} <= set(options("trainer"))
@@ -156,6 +161,40 @@ def test_config_files_have_no_stray_keys():
 
     text = OmegaConf.load(Path(CONF) / "train.yaml")
     assert set(text) - {"defaults"} <= set(TOP_LEVEL_KEYS)
+
+
+@pytest.mark.parametrize("search", options("hparams_search"))
+def test_a_tuning_grid_composes_with_its_study_and_names_a_validation_metric(search):
+    """`hparams_search=X` with its study: a grid over optim.lr for every encoding of the study,
+    one seed, and an optimized_metric that is a validation metric (never a test one)."""
+    study = NEEDS["hparams_search", search][0]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        plain = compose(config_name="train", overrides=[study], return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=[study, f"hparams_search={search}"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert len(str(params["optim.lr"]).split(",")) >= 3
+    assert params.pe == plain.hydra.sweeper.params.pe and str(params.seed) == "0"
+    assert cfg.optimized_metric.startswith(("val/", "eval/"))
+    assert not cfg.optimized_metric.startswith("test/")
+
+
+@pytest.mark.parametrize("study", ["arithmetic_sweep", "bi_nfa_sweep", "text_sweep"])
+def test_a_study_sweeps_three_seeds_of_each_encoding_with_its_tuned_lr(study, tmp_path):
+    """Every encoding of a study composes, and takes its lr from conf/tuned/<study>/<pe>.yaml
+    when that file exists (the command line still wins)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={study}"],
+                      return_hydra_config=True)
+    assert str(cfg.hydra.sweeper.params.seed).split(",") == ["0", "1", "2"]
+    for pe in str(cfg.hydra.sweeper.params.pe).split(","):
+        tuned = CONF / "tuned" / study / f"{pe}.yaml"
+        job = compose_train([f"experiment={study}", f"pe={pe}"], tmp_path)
+        validate_config(job)
+        if tuned.is_file():
+            assert job.optim.lr == OmegaConf.load(tuned).optim.lr
+        assert compose_train([f"experiment={study}", f"pe={pe}", "optim.lr=0.123"]).optim.lr \
+            == 0.123
 
 
 def test_sweep_job_folder_names_stay_short_and_unique():

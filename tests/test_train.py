@@ -123,3 +123,22 @@ def test_a_crashed_run_resumes_from_its_interrupted_checkpoint_bitwise(run_train
     a = weights(full / "checkpoints" / "last.ckpt")
     b = weights(resumed / "checkpoints" / "last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_run_writes_its_metrics_and_returns_the_optimized_one(run_train):
+    """What a sweeper optimises: `optimized_metric` is one of the run's final metrics (the last
+    validation's included), also written to metrics.json; a name the run lacks is an error."""
+    from bipe.errors import ConfigError
+    from tests.conftest import compose_train
+    from train import optimized_value
+
+    metrics, run_dir = run_train("tuned", "optimized_metric=val/loss")
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["global_step"] == 6 and saved["seed"] == 0
+    assert saved["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"])
+    assert {"eval/ppl_1x", "val/ppl"} <= set(saved["metrics"])
+    cfg = compose_train(["optimized_metric=val/loss"])
+    assert optimized_value(cfg, metrics) == pytest.approx(metrics["val/loss"])
+    assert optimized_value(compose_train([]), metrics) is None
+    with pytest.raises(ConfigError, match="optimized_metric=val/acc is not a metric of this run"):
+        optimized_value(compose_train(["optimized_metric=val/acc"]), metrics)

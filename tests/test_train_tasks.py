@@ -106,7 +106,7 @@ def test_a_two_job_sweep_and_its_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=arithmetic_sweep",
-         "pe=rope,bipe_rope", "model.hidden_size=16", *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
+         "pe=rope,bipe_rope", "model.hidden_size=16", "seed=0", *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
          f"hydra.sweep.dir={sweep}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,9 +26,8 @@ from bipe.training.schedule import SCHEDULES
 from data import DataConfig
 from data.config import TokenizerConfig
 
-TOP_LEVEL_KEYS = ("seed", "ckpt_path", "init_from", "finetune", "optim", "eval", "pe", "model",
-                  "data", "task",
-                  "trainer", "logger", "callbacks", "paths")
+TOP_LEVEL_KEYS = ("seed", "optimized_metric", "ckpt_path", "init_from", "finetune", "optim",
+                  "eval", "pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths")
 TASKS = ("lm", "arithmetic", "bi_nfa", "scrolls")  # lm: conf/data corpora; others their own
 SYNTHETIC_DATA_KEYS = ["name", "block_size"]  # conf/data/synthetic.yaml, chosen by the task
 
@@ -196,6 +195,10 @@ def validate_config(cfg: DictConfig) -> RunSettings:
             raise ConfigError(f"config key {key} is missing (conf/train.yaml sets it)")
 
     _number(container["seed"], "seed", integer=True)
+    metric = container["optimized_metric"]
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ConfigError(f"optimized_metric={metric!r} must be a metric name such as val/loss "
+                          "(see a run's metrics.json) or null")
     for key in ("ckpt_path", "init_from"):
         if container[key] is not None and not isinstance(container[key], str):
             raise ConfigError(f"{key}={container[key]!r} must be a path or null")

@@ -1,0 +1,177 @@
+"""Read a tuning sweep and choose each encoding's learning rate on the validation metric.
+
+    python train.py -m experiment=arithmetic_sweep hparams_search=arithmetic_lr
+    python -m bipe.evaluation.tuning multirun/<day>/<time>
+    python -m bipe.evaluation.tuning multirun/<day>/<time> --write conf/tuned/arithmetic_sweep
+
+Every job of the sweep writes `metrics.json` (its final metrics) and says in `.hydra/config.yaml`
+which one it optimises (`optimized_metric`: a validation metric, never a test one). This command
+prints, per encoding, the metric at each learning rate (mean over seeds when the grid has
+several) and the best one: lowest for a loss or perplexity, highest otherwise. A best value on
+the edge of the grid is flagged: the optimum may lie outside it. `--write DIR` stores each best
+as `DIR/<pe>.yaml`, which `conf/train.yaml` loads for `experiment=<DIR's name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bipe.errors import BipeError, DataError
+from bipe.evaluation.stats import Spread
+from bipe.evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
+
+LR_KEY = "optim.lr"
+
+
+@dataclass
+class TuningResult:
+    """One encoding (or other cell) of a tuning sweep: the metric at each learning rate."""
+
+    cell: Cell
+    by_lr: dict[float, Spread]
+    best_lr: float
+    at_edge: bool
+
+
+def minimise(metric: str) -> bool:
+    """Whether lower is better for `metric` (losses and perplexities)."""
+    name = metric.rsplit("/", 1)[-1]
+    return name.startswith("loss") or name.startswith("ppl") or name.endswith("loss")
+
+
+def load_runs(sweep_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """`(optimized_metric, runs)`: each run's overrides, seed and final metrics."""
+    if not sweep_dir.is_dir():
+        raise DataError(f"sweep folder {sweep_dir} does not exist; pass the folder of a "
+                        "`python train.py -m ... hparams_search=...` sweep")
+    runs, metrics_named = [], set()
+    for path in sorted(sweep_dir.glob("*/metrics.json")):
+        job = path.parent
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) \
+            if (job / ".hydra" / "config.yaml").is_file() else {}
+        name = config.get("optimized_metric")
+        if not name:
+            raise DataError(f"{job} does not name an optimized_metric; tune with an "
+                            "hparams_search config (conf/hparams_search/*.yaml)")
+        metrics_named.add(name)
+        data = json.loads(path.read_text())
+        overrides = read_overrides(job)
+        if LR_KEY not in overrides:
+            raise DataError(f"{job} was not given {LR_KEY}; this sweep does not tune it")
+        runs.append({"job": str(job), "overrides": overrides, "seed": data.get("seed"),
+                     "metrics": data["metrics"]})
+    if not runs:
+        raise DataError(f"no */metrics.json under {sweep_dir}: its jobs have not finished")
+    if len(metrics_named) > 1:
+        raise DataError(f"{sweep_dir} mixes optimized metrics {sorted(metrics_named)}")
+    return metrics_named.pop(), runs
+
+
+def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
+    """Per cell (the overrides but the learning rate and seed), the best learning rate."""
+    values: dict[Cell, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    members: dict[Cell, list[tuple[int | None, str]]] = defaultdict(list)
+    for run in runs:
+        if metric not in run["metrics"]:
+            raise DataError(f"{run['job']}/metrics.json has no {metric}; it has "
+                            f"{', '.join(sorted(run['metrics']))}")
+        cell = Cell.of(run["overrides"], drop=[LR_KEY])
+        lr = float(run["overrides"][LR_KEY])
+        values[cell][lr].append(float(run["metrics"][metric]))
+        members[Cell.of(run["overrides"])].append((run["seed"], run["job"]))
+    check_distinct_seeds(members)
+    lower = minimise(metric)
+    results = []
+    for cell, by_lr in values.items():
+        spreads = {lr: Spread.of(v) for lr, v in sorted(by_lr.items())}
+        finite = {lr: s.mean for lr, s in spreads.items() if math.isfinite(s.mean)}
+        if not finite:
+            raise DataError(f"every run of {cell.label()} diverged ({metric} is not finite)")
+        best = (min if lower else max)(finite, key=finite.get)
+        lrs = list(spreads)
+        results.append(TuningResult(cell, spreads, best, len(lrs) > 1 and best in (lrs[0],
+                                                                                  lrs[-1])))
+    return sorted(results, key=lambda r: r.cell.items)
+
+
+def format_table(metric: str, results: Sequence[TuningResult]) -> str:
+    """Cells x learning rates; the best per row marked with `*`."""
+    lrs = sorted({lr for r in results for lr in r.by_lr})
+    keys = varying_keys(r.cell for r in results) or ["pe"]
+    labels = [r.cell.label(keys) for r in results]
+    width = max(12, *(len(label) + 2 for label in labels))
+    goal = "lower" if minimise(metric) else "higher"
+    lines = [f"{metric} by learning rate ({goal} is better; * = chosen, mean over seeds)",
+             "".ljust(width) + "".join(f"{lr:>12g}" for lr in lrs) + f"{'best lr':>12}"]
+    for r, label in zip(results, labels, strict=True):
+        cells = []
+        for lr in lrs:
+            s = r.by_lr.get(lr)
+            text = "-" if s is None else f"{s.mean:.4g}" + ("*" if lr == r.best_lr else " ")
+            cells.append(f"{text:>12}")
+        edge = "  (grid edge)" if r.at_edge else ""
+        lines.append(label.ljust(width) + "".join(cells) + f"{r.best_lr:>12g}{edge}")
+    return "\n".join(lines)
+
+
+def write_tuned(out: Path, sweep_dir: Path, metric: str,
+                results: Sequence[TuningResult]) -> list[Path]:
+    """`out/<pe>.yaml` setting `optim.lr` for each tuned encoding (a sweep over pe only)."""
+    others = [k for k in varying_keys(r.cell for r in results) if k != "pe"]
+    if others or any(r.cell.get("pe") is None for r in results):
+        raise DataError(f"--write stores one learning rate per encoding, but this sweep also "
+                        f"varies {', '.join(others) or 'no pe'}; write the files by hand")
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        pe = r.cell.get("pe")
+        grid = ", ".join(f"{lr:g}: {s.mean:.4g}" for lr, s in r.by_lr.items())
+        seeds = sorted({s.n for s in r.by_lr.values()})
+        path = out / f"{pe}.yaml"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(
+            "# @package _global_\n"
+            f"# Tuned by `python -m bipe.evaluation.tuning {sweep_dir}`:\n"
+            f"# {metric} ({'lower' if minimise(metric) else 'higher'} is better) at each lr, "
+            f"{'/'.join(map(str, seeds))} seed(s):\n# {grid}\n"
+            + ("# The best is on the edge of the grid.\n" if r.at_edge else "")
+            + f"optim:\n  lr: {r.best_lr:g}\n")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bipe.evaluation.tuning",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="the tuning sweep (multirun/<day>/<time>)")
+    parser.add_argument("--write", type=Path, default=None, metavar="DIR",
+                        help="write DIR/<pe>.yaml with each encoding's best lr "
+                             "(e.g. conf/tuned/arithmetic_sweep)")
+    args = parser.parse_args(argv)
+    try:
+        metric, runs = load_runs(args.sweep_dir)
+        results = choose(metric, runs)
+        print(format_table(metric, results))
+        print(f"{len(runs)} runs in {args.sweep_dir}")
+        if args.write is not None:
+            for path in write_tuned(args.write, args.sweep_dir, metric, results):
+                print(f"wrote {path}")
+    except BipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

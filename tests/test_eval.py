@@ -91,3 +91,59 @@ def test_16k_token_forward_of_a_tiny_model(name, lm_infinite):
     ids, boundary = g.integers(0, 61, 16385), g.random(16385) < 0.05
     res = perplexity_at_length(model, ids, boundary, 16384)
     assert res.tokens == 16384 and math.isfinite(res.ppl)
+
+
+def _seed_rows(values: dict[str, list[float]], lengths=(32, 64)) -> list[dict]:
+    rows = []
+    for group, ppls in values.items():
+        for seed, ppl in enumerate(ppls):
+            for i, length in enumerate(lengths):
+                rows.append({"model": f"{group}#s{seed}", "group": group, "seed": seed,
+                             "pe": group, "dataset": "train", "lm_infinite": False,
+                             "length": length, "multiple": i + 1.0, "train_length": 32,
+                             "ppl": ppl * (i + 1)})
+    return rows
+
+
+def test_the_perplexity_table_reports_seeds_with_mean_and_interval():
+    """Rows of one group (the seeds of a sweep cell) become `mean ± 95% interval`."""
+    from bipe.evaluation.runner import format_ppl_table, summarize_ppl
+
+    rows = _seed_rows({"rope": [10.0, 12.0, 14.0], "alibi": [20.0]})
+    summary = {(r["group"], r["length"]): r for r in summarize_ppl(rows)}
+    rope = summary["rope", 32]
+    assert rope["ppl_mean"] == pytest.approx(12.0) and rope["ppl_std"] == pytest.approx(2.0)
+    assert rope["ppl_ci95"] == pytest.approx(4.3027 * 2 / math.sqrt(3), rel=1e-4)
+    assert rope["seeds"] == 3 and summary["rope", 64]["ppl_mean"] == pytest.approx(24.0)
+    assert summary["alibi", 32]["seeds"] == 1 and math.isnan(summary["alibi", 32]["ppl_ci95"])
+    table = format_ppl_table(rows).splitlines()
+    assert "mean ± 95% interval over seeds" in table[0]
+    rope_line = next(line for line in table if line.startswith("rope "))
+    assert rope_line.split()[1] == "3" and "12.00 ± 4.97" in rope_line
+    assert "20.00" in next(line for line in table if line.startswith("alibi "))
+
+
+def test_checkpoints_of_one_sweep_cell_share_a_group_and_others_do_not(tmp_path):
+    """Run folders whose overrides differ only in `seed` are one group; a checkpoint of the same
+    encoding and seed from elsewhere is not folded into it."""
+    import yaml
+
+    from bipe.evaluation.runner import group_labels
+
+    paths, metas = [], []
+    for n, (pe, seed, hidden) in enumerate([("rope", 0, 32), ("rope", 1, 32), ("rope", 0, 64),
+                                            ("alibi", 0, 32)]):
+        job = tmp_path / f"{n}_job"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            [f"pe={pe}", f"model.hidden_size={hidden}", f"seed={seed}"]))
+        paths.append(job / "checkpoints" / "last.ckpt")
+        metas.append({"model_config": {"pe": {"name": pe}}, "run_config": {"seed": seed}})
+    names = group_labels(paths, metas, [])
+    assert names[0] == ("rope,hidden_size=32#s0", "rope,hidden_size=32")
+    assert names[1] == ("rope,hidden_size=32#s1", "rope,hidden_size=32")
+    assert names[2] == ("rope,hidden_size=64", "rope,hidden_size=64")
+    assert names[3] == ("alibi,hidden_size=32", "alibi,hidden_size=32")
+    # Same label and seed twice (e.g. a base model and its fine-tune): separate groups.
+    twice = group_labels(paths[:1] * 2, metas[:1] * 2, ["rope", "rope"])
+    assert twice[0] == ("rope", "rope") and twice[1][0] == twice[1][1] != "rope"

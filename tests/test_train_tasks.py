@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from bipe.errors import ConfigError
 from bipe.training.checkpoint import build_model_from_checkpoint
@@ -106,7 +108,8 @@ def test_a_two_job_sweep_and_its_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=arithmetic_sweep",
-         "pe=rope,bipe_rope", "model.hidden_size=16", "seed=0", *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
+         "pe=rope,bipe_rope", "model.hidden_size=16", "seed=0",
+         *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
          f"hydra.sweep.dir={sweep}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,22 +141,64 @@ def test_the_summary_command_names_a_folder_without_results(tmp_path):
     assert result.stderr.startswith("error: no task_eval.json under")
 
 
-def test_the_summary_averages_seeds(tmp_path):
+def _write_job(root, name, *, pe="rope", hidden=32, seed=0, acc=0.5, overrides=None):
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    overrides = overrides if overrides is not None else [f"pe={pe}",
+                                                         f"model.hidden_size={hidden}",
+                                                         f"seed={seed}"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "task_eval.json").write_text(json.dumps({
+        "task": "arithmetic", "pe": pe, "model": {"hidden_size": hidden}, "seed": seed,
+        "n_parameters": 1000, "results": [{"setting": "ops_4", "accuracy": acc},
+                                          {"setting": "ops_5", "accuracy": acc / 2}]}))
+
+
+def test_the_summary_groups_seeds_with_their_mean_and_interval(tmp_path):
+    """Jobs that differ only in their seed form one cell: mean, sample std, Student's t 95%
+    interval and the number of seeds, in the CSV and in the printed table."""
     from bipe.evaluation.task_summary import format_summary, load_jobs, summarise
 
-    for seed, acc in ((0, 0.5), (1, 1.0)):
-        job = tmp_path / f"{seed}_seed={seed}"
-        job.mkdir()
-        (job / "task_eval.json").write_text(json.dumps({
-            "task": "arithmetic", "pe": "rope", "model": {"hidden_size": 32}, "seed": seed,
-            "n_parameters": 1000, "results": [{"setting": "ops_4", "accuracy": acc}]}))
+    for seed, acc in ((0, 0.9), (1, 1.0), (2, 0.8)):
+        _write_job(tmp_path, f"{seed}_rope_s{seed}", seed=seed, acc=acc)
+    _write_job(tmp_path, "9_alibi", pe="alibi", seed=0, acc=0.25)
     rows = summarise(load_jobs(tmp_path), "accuracy")
-    assert len(rows) == 1 and rows[0]["mean"] == 0.75 and rows[0]["seeds"] == 2
-    assert (rows[0]["min"], rows[0]["max"]) == (0.5, 1.0)
-    table = format_summary(rows, "t").splitlines()[2:]  # header, rule, rows: one width
-    assert "75.0%" in table[-1] and len({len(line) for line in table}) == 1
-    assert set(table[1]) == {"|", "-"}
+    rope = next(r for r in rows if r["pe"] == "rope" and r["setting"] == "ops_4")
+    assert rope["mean"] == pytest.approx(0.9) and rope["std"] == pytest.approx(0.1)
+    assert rope["ci95"] == pytest.approx(4.3027 * 0.1 / 3 ** 0.5, rel=1e-4)
+    assert (rope["seeds"], rope["min"], rope["max"]) == (3, 0.8, 1.0)
+    alibi = next(r for r in rows if r["pe"] == "alibi" and r["setting"] == "ops_4")
+    assert alibi["seeds"] == 1 and math.isnan(alibi["ci95"])
+    lines = format_summary(rows, "t").splitlines()
+    table = lines[2:]  # header, rule, rows: one width
+    assert len({len(line) for line in table}) == 1 and set(table[1]) == {"|", "-"}
+    assert "seeds" in table[0]  # the cells have different seed counts
+    assert "90.0 ± 24.8%" in next(line for line in table if "| rope" in line)
+    assert "25.0%" in next(line for line in table if "| alibi" in line)
 
+
+def test_other_swept_settings_stay_apart_and_a_repeated_seed_is_refused(tmp_path):
+    from bipe.errors import DataError
+    from bipe.evaluation.task_summary import format_summary, load_jobs, summarise
+
+    for n, lr in enumerate(("0.01", "0.02")):
+        _write_job(tmp_path, f"{n}_lr", acc=0.5 + n / 4,
+                   overrides=["pe=rope", "model.hidden_size=32", f"optim.lr={lr}", "seed=0"])
+    rows = summarise(load_jobs(tmp_path), "accuracy")
+    assert sorted(r["variant"] for r in rows if r["setting"] == "ops_4") == ["lr=0.01", "lr=0.02"]
+    assert "| variant" in format_summary(rows, "t").splitlines()[2]
+    _write_job(tmp_path, "2_again", acc=0.1,
+               overrides=["pe=rope", "model.hidden_size=32", "optim.lr=0.01", "seed=0"])
+    with pytest.raises(DataError, match="same seed 0"):
+        summarise(load_jobs(tmp_path), "accuracy")
+
+
+def test_summary_files_are_named_by_metric(tmp_path):
+    from bipe.evaluation.task_summary import load_jobs, summarise
+
+    for seed, acc in ((0, 0.5), (1, 1.0)):
+        _write_job(tmp_path, f"{seed}_seed={seed}", seed=seed, acc=acc)
+    rows = summarise(load_jobs(tmp_path), "accuracy")
     from bipe.evaluation.task_summary import write_outputs
 
     files = write_outputs(rows, tmp_path, "arithmetic", "accuracy")

@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from bipe.evaluation.stats import Spread  # noqa: E402
+
+
+def as_spread(value: Spread | float) -> Spread:
+    """A plain number is a Spread of one value (no interval)."""
+    return value if isinstance(value, Spread) else Spread.of([value])
+
 
 def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
     """Readable labels on a log y axis. Matplotlib labels only powers of ten, so a range inside
@@ -34,26 +41,38 @@ def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
     ax.set_ylim(lo / 1.05, hi * 1.05)
 
 
-def plot_ppl_vs_length(curves: dict[str, list[tuple[int, float]]], train_length: int | None,
-                       path: str | Path, title: str = "Perplexity against length") -> Path:
-    """One line per model: `curves[label] = [(length, ppl), ...]`; log-scale perplexity.
+def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
+                       train_length: int | None, path: str | Path,
+                       title: str = "Perplexity against length") -> Path:
+    """One line per model: `curves[label] = [(length, ppl or its Spread over seeds), ...]`;
+    log-scale perplexity; a Spread over several seeds is drawn with its 95% interval as a band.
 
     Variants of one model (`rope`, `rope+lminf`, `rope+yarn4`) share its colour; a variant is
     dashed, so the effect of LM-Infinite or scaling reads as the gap between two lines.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours: dict[str, str] = {}
+    values: list[float] = []
     for label, points in sorted(curves.items()):
-        xs, ys = zip(*sorted(points), strict=True)
+        spreads = [(x, as_spread(y)) for x, y in sorted(points, key=lambda p: p[0])]
+        xs = [x for x, _ in spreads]
+        ys = [s.mean for _, s in spreads]
         base = label.split("+")[0]
         colour = colours.setdefault(base, f"C{len(colours) % 10}")
         ax.plot(xs, ys, marker="o", label=label, color=colour,
                 linestyle="--" if "+" in label else "-")
+        values += ys
+        if any(s.n > 1 for _, s in spreads):
+            low = [s.low if s.n > 1 else s.mean for _, s in spreads]
+            high = [s.high if s.n > 1 else s.mean for _, s in spreads]
+            ax.fill_between(xs, [max(v, 1e-9) for v in low], high, color=colour, alpha=0.15,
+                            linewidth=0)
+            values += [v for v in low + high if v > 0]
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    _label_log_axis(ax, [y for points in curves.values() for _, y in points])
+    _label_log_axis(ax, values)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
@@ -108,17 +127,22 @@ def plot_passkey_heatmap(rows: list[dict], path: str | Path, title: str) -> Path
     return Path(path)
 
 
-def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, float]]]],
+def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, Spread | float]]]],
                             path: str | Path, metric: str = "accuracy",
                             title: str = "Accuracy against hidden size") -> Path:
     """One panel per evaluation setting, one line per encoding:
-    `panels[setting][label] = [(hidden_size, accuracy in [0, 1]), ...]`."""
+    `panels[setting][label] = [(hidden_size, accuracy in [0, 1] or its Spread over seeds)]`;
+    a Spread over several seeds is drawn with its 95% interval as error bars."""
     n = max(len(panels), 1)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.6), sharey=True, squeeze=False)
     for ax, (setting, curves) in zip(axes[0], panels.items(), strict=False):
-        for label, points in sorted(curves.items()):
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+        for i, (label, points) in enumerate(sorted(curves.items())):
+            spreads = [(x, as_spread(y)) for x, y in sorted(points, key=lambda p: p[0])]
+            xs = [x for x, _ in spreads]
+            ys = [100 * s.mean for _, s in spreads]
+            err = [100 * s.ci95 if s.n > 1 else 0.0 for _, s in spreads]
+            ax.errorbar(xs, ys, yerr=err, marker="o", label=label, capsize=3,
+                        color=f"C{i % 10}")
         ax.set_title(setting)
         ax.set_xlabel("hidden size")
         ax.set_ylim(-3, 103)

@@ -31,6 +31,8 @@ from bipe.evaluation.memory import track_peak_memory
 from bipe.evaluation.passkey import passkey_accuracy
 from bipe.evaluation.perplexity import perplexity_at_length
 from bipe.evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
+from bipe.evaluation.stats import Spread
+from bipe.evaluation.sweeps import Cell, read_overrides, varying_keys
 from bipe.training.finetune import relative_training_range, with_scaling
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
 
 @dataclass
 class LoadedModel:
+    """One checkpoint ready to evaluate. `label` is unique; `group` names its cell: checkpoints
+    that share a group (the seeds of one sweep cell, or equal `labels=`) are summarised together
+    as mean and 95% interval."""
+
     label: str
     path: Path
     model: torch.nn.Module
@@ -47,6 +53,11 @@ class LoadedModel:
     meta: dict[str, Any]
     train_length: int
     streams: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = field(default_factory=dict)
+    group: str = ""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.label
 
     @property
     def pe_name(self) -> str:
@@ -81,15 +92,40 @@ def find_checkpoints(cfg: DictConfig) -> list[Path]:
     return out
 
 
-def _label(meta: dict[str, Any], path: Path, taken: set[str]) -> str:
-    """The encoding's name, made unique with the run folder when several share it."""
-    base = label = meta["model_config"]["pe"].get("name", "model")
-    i = 1
-    while label in taken:  # several checkpoints of one encoding: tell them apart by folder
-        label = f"{base}:{path.parent.parent.name}" if i == 1 else f"{base}#{i}"
-        i += 1
-    taken.add(label)
-    return label
+def _job_dir(path: Path) -> Path:
+    """The run folder of `<run>/checkpoints/<name>.ckpt` (or the file's own folder)."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def group_labels(paths: list[Path], metas: list[dict[str, Any]],
+                 labels: list[str]) -> list[tuple[str, str]]:
+    """`(label, group)` per checkpoint. The group is `labels[i]` when given, else the encoding's
+    name plus the sweep settings that differ between the checkpoints (from each run folder's
+    `.hydra/overrides.yaml`), the seed left out; the label adds `#s<seed>` (or the folder) to
+    tell the members of a group apart."""
+    cells = [Cell.of(read_overrides(_job_dir(p)), drop=["pe"]) for p in paths]
+    keys = varying_keys(cells)
+    groups = []
+    for i, (meta, cell) in enumerate(zip(metas, cells, strict=True)):
+        if i < len(labels):
+            groups.append(labels[i])
+            continue
+        extra = cell.label(keys)
+        name = meta["model_config"]["pe"].get("name", "model")
+        groups.append(f"{name},{extra}" if extra else name)
+    seeds = [meta.get("run_config", {}).get("seed") for meta in metas]
+    out, taken = [], set()
+    for i, group in enumerate(groups):
+        members = [j for j, g in enumerate(groups) if g == group]
+        member_seeds = [seeds[j] for j in members]
+        replicates = len(members) > 1 and None not in member_seeds and \
+            len(set(member_seeds)) == len(members)
+        label = f"{group}#s{seeds[i]}" if replicates else group
+        while label in taken:  # not seeds of one cell: each its own, told apart by folder
+            label = f"{label}:{_job_dir(paths[i]).name}"
+        taken.add(label)
+        out.append((label, group if replicates else label))
+    return out
 
 
 def _scaling_label(scaling: dict[str, Any]) -> str:
@@ -104,16 +140,17 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
     checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
     from bipe.training.checkpoint import build_model_from_checkpoint
 
-    labels = list(cfg.labels or [])
     scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
         if cfg.eval.get("rope_scaling") else None
-    taken: set[str] = set()
+    paths = find_checkpoints(cfg)
+    built = [build_model_from_checkpoint(path) for path in paths]
+    names = group_labels(paths, [meta for _, _, meta in built], list(cfg.labels or []))
     loaded = []
-    for i, path in enumerate(find_checkpoints(cfg)):
-        model, tokenizer, meta = build_model_from_checkpoint(path)
+    for path, (model, tokenizer, meta), (label, group) in zip(paths, built, names, strict=True):
         train_length = int(meta["run_config"]["data"]["block_size"])
-        label = labels[i] if i < len(labels) else _label(meta, path, taken)
-        loaded.append(LoadedModel(label, path, model.to(device), tokenizer, meta, train_length))
+        seed = meta.get("run_config", {}).get("seed")
+        loaded.append(LoadedModel(label, path, model.to(device), tokenizer, meta, train_length,
+                                  group=group, seed=seed))
         relative = meta["model_config"]["pe"]["relative"]
         if scaling is None or relative["type"] != "rope" or relative.get("scaling"):
             continue
@@ -124,8 +161,9 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
             return {**config, "pe": {**pe, "relative": {**pe["relative"], "scaling": scaled}}}
 
         model, tokenizer, scaled_meta = build_model_from_checkpoint(path, model_config_hook=hook)
-        loaded.append(LoadedModel(f"{label}+{_scaling_label(scaled)}", path, model.to(device),
-                                  tokenizer, scaled_meta, train_length))
+        tag = f"+{_scaling_label(scaled)}"
+        loaded.append(LoadedModel(f"{label}{tag}", path, model.to(device), tokenizer,
+                                  scaled_meta, train_length, group=f"{group}{tag}", seed=seed))
     return loaded
 
 
@@ -208,8 +246,8 @@ def _modes(setting: Any) -> list[bool]:
 
 
 def attention_variants(cfg: DictConfig, lm: LoadedModel) -> Iterator[tuple[str, bool]]:
-    """Yield `(tag, uses_lm_infinite)` with `lm.model.attention` set for each requested variant
-    (plain, LM-Infinite or both); the plain setting is restored afterwards."""
+    """Yield `(suffix, uses_lm_infinite)` with `lm.model.attention` set for each requested
+    variant (plain: suffix "", LM-Infinite: "+lminf"); the plain setting is restored after."""
     try:
         for use_lmi in _modes(cfg.eval.lm_infinite.enabled):
             lmi = lm_infinite_settings(cfg, lm) if use_lmi else None
@@ -218,7 +256,7 @@ def attention_variants(cfg: DictConfig, lm: LoadedModel) -> Iterator[tuple[str, 
                 continue
             lm.model.attention = AttentionOptions(chunk_size=cfg.eval.chunk_size,
                                                   lm_infinite=lmi)
-            yield (f"{lm.label}+lminf" if use_lmi else lm.label), use_lmi
+            yield ("+lminf" if use_lmi else ""), use_lmi
     finally:
         lm.model.attention = AttentionOptions()
 
@@ -232,7 +270,8 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
         lengths = resolve_lengths(list(e.lengths), e.length_unit, lm.train_length)
         for dataset in e.datasets:
             ids, boundary, _ = load_stream(lm, dataset, e.split, e.max_tokens, cache_dir)
-            for tag, use_lmi in attention_variants(cfg, lm):
+            for suffix, use_lmi in attention_variants(cfg, lm):
+                tag = lm.label + suffix
                 for length in lengths:
                     batch = max(1, int(e.batch_tokens) // length)
                     t0 = time.perf_counter()
@@ -242,7 +281,8 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                                                    batch_size=batch, device=device,
                                                    autocast_dtype=autocast)
                     res.seconds, res.peak_mib = time.perf_counter() - t0, mem.peak_mib
-                    rows.append({"model": tag, "pe": lm.pe_name, "checkpoint": str(lm.path),
+                    rows.append({"model": tag, "group": lm.group + suffix, "seed": lm.seed,
+                                 "pe": lm.pe_name, "checkpoint": str(lm.path),
                                  "dataset": dataset, "lm_infinite": use_lmi,
                                  "train_length": lm.train_length,
                                  "multiple": length / lm.train_length, **res.to_dict()})
@@ -250,9 +290,30 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                              tag, dataset, length, res.ppl, res.tokens, res.seconds,
                              res.peak_mib)
                     if e.protocol == "blocks" and length == max(lengths):
-                        counts = np.maximum(res.count_by_position, 1)
-                        by_position[f"{tag} [{dataset}]"] = res.nll_by_position / counts
-    return rows, by_position
+                        # Summed over the seeds of a group: one curve per group.
+                        key = f"{lm.group}{suffix} [{dataset}]"
+                        sums, counts = by_position.get(key, (0.0, 0))
+                        by_position[key] = (sums + res.nll_by_position,
+                                            counts + res.count_by_position)
+    return rows, {k: s / np.maximum(c, 1) for k, (s, c) in by_position.items()}
+
+
+def summarize_ppl(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, group, length): perplexity over the group's seeds (mean, std,
+    95% interval half-width, min, max, seeds). A group of one checkpoint has no interval."""
+    cells: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r.get("group", r["model"]), r["length"]), []).append(r)
+    out = []
+    for (dataset, group, length), members in cells.items():
+        spread = Spread.of([m["ppl"] for m in members])
+        first = members[0]
+        out.append({"dataset": dataset, "group": group, "length": length,
+                    "multiple": first["multiple"], "train_length": first["train_length"],
+                    "lm_infinite": first["lm_infinite"], "pe": first["pe"],
+                    "seeds_list": sorted(str(m.get("seed")) for m in members),
+                    **spread.to_dict("ppl_"), "seeds": spread.n})
+    return out
 
 
 def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device,
@@ -263,7 +324,8 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
         lengths = resolve_lengths(list(p.lengths), cfg.eval.length_unit, lm.train_length)
         _, _, seps = load_stream(lm, cfg.eval.datasets[0], cfg.eval.split, cfg.eval.max_tokens,
                                  cache_dir)
-        for tag, _ in attention_variants(cfg, lm):
+        for suffix, _ in attention_variants(cfg, lm):
+            tag = lm.label + suffix
             for row in passkey_accuracy(lm.model, lm.tokenizer, lengths, list(p.depths),
                                         trials=p.trials, seed=cfg.seed, separator_ids=seps,
                                         device=device):
@@ -281,7 +343,8 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
             need = max(prefixes) + g.new_tokens
             ids, boundary, seps = load_stream(lm, dataset, cfg.eval.split,
                                               max(cfg.eval.max_tokens or 0, need), cache_dir)
-            for tag, _ in attention_variants(cfg, lm):
+            for suffix, _ in attention_variants(cfg, lm):
+                tag = lm.label + suffix
                 for row in generation_quality(lm.model, lm.tokenizer, ids, boundary, prefixes,
                                               new_tokens=g.new_tokens, samples=g.samples,
                                               separator_ids=seps, device=device):
@@ -290,19 +353,35 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
 
 
 def format_ppl_table(rows: list[dict]) -> str:
-    """Models x lengths, one block per dataset: the table printed at the end of `eval.py`."""
+    """Groups x lengths, one block per dataset: the table printed at the end of `eval.py`.
+    A group of several seeds shows `mean ± half-width of the 95% interval` and their number."""
     lines = []
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        sub = [r for r in rows if r["dataset"] == dataset]
+    summary = summarize_ppl(rows)
+    for dataset in dict.fromkeys(r["dataset"] for r in summary):
+        sub = [r for r in summary if r["dataset"] == dataset]
         lengths = sorted({r["length"] for r in sub})
-        models = list(dict.fromkeys(r["model"] for r in sub))
-        width = max(12, *(len(m) + 2 for m in models))
-        lines.append(f"perplexity on {dataset} (split {sub[0].get('split', 'test')})")
-        lines.append("model".ljust(width) + "".join(f"{n:>10}" for n in lengths))
-        for m in models:
-            cells = {r["length"]: r["ppl"] for r in sub if r["model"] == m}
-            lines.append(m.ljust(width) + "".join(
-                f"{cells[n]:>10.2f}" if n in cells else f"{'-':>10}" for n in lengths))
+        groups = list(dict.fromkeys(r["group"] for r in sub))
+        seeds = {g: max(r["seeds"] for r in sub if r["group"] == g) for g in groups}
+        several = max(seeds.values()) > 1
+        cell_w = 18 if several else 10
+        width = max(12, *(len(g) + 2 for g in groups))
+        split = next((r for r in rows if r["dataset"] == dataset), {}).get("split", "test")
+        note = "; mean ± 95% interval over seeds" if several else ""
+        lines.append(f"perplexity on {dataset} (split {split}{note})")
+        lines.append("model".ljust(width) + (f"{'seeds':>6}" if several else "")
+                     + "".join(f"{n:>{cell_w}}" for n in lengths))
+        for g in groups:
+            cells = {r["length"]: r for r in sub if r["group"] == g}
+            text = []
+            for n in lengths:
+                r = cells.get(n)
+                if r is None:
+                    text.append(f"{'-':>{cell_w}}")
+                    continue
+                spread = Spread(r["ppl_mean"], r["ppl_std"], r["ppl_ci95"], r["ppl_n"],
+                                r["ppl_min"], r["ppl_max"])
+                text.append(f"{spread.format(digits=2).replace(' +- ', ' ± '):>{cell_w}}")
+            lines.append(g.ljust(width) + (f"{seeds[g]:>6}" if several else "") + "".join(text))
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -320,12 +399,13 @@ def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
                     "max_segments_per_block": m.meta["data_stats"].get("max_segments_per_block"),
                     "global_step": m.meta.get("global_step")} for m in models],
         "config": OmegaConf.to_container(cfg.eval, resolve=True),
-        "perplexity": ppl_rows, "passkey": passkey_rows, "generation": gen_rows,
+        "perplexity": ppl_rows, "perplexity_summary": summarize_ppl(ppl_rows),
+        "passkey": passkey_rows, "generation": gen_rows,
     }
     files["results"] = _atomic_text(out / "results.json", json.dumps(results, indent=2))
     if ppl_rows:
-        cols = ["model", "pe", "dataset", "lm_infinite", "length", "multiple", "train_length",
-                "tokens", "nll", "ppl", "seconds", "peak_mib", "checkpoint"]
+        cols = ["model", "group", "seed", "pe", "dataset", "lm_infinite", "length", "multiple",
+                "train_length", "tokens", "nll", "ppl", "seconds", "peak_mib", "checkpoint"]
         tmp = out / "ppl_vs_length.csv.tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -333,11 +413,14 @@ def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
             w.writerows(ppl_rows)
         os.replace(tmp, out / "ppl_vs_length.csv")
         files["csv"] = out / "ppl_vs_length.csv"
+        summary = summarize_ppl(ppl_rows)
         for dataset in dict.fromkeys(r["dataset"] for r in ppl_rows):
-            curves: dict[str, list[tuple[int, float]]] = {}
-            for r in ppl_rows:
+            curves: dict[str, list[tuple[int, Spread]]] = {}
+            for r in summary:
                 if r["dataset"] == dataset:
-                    curves.setdefault(r["model"], []).append((r["length"], r["ppl"]))
+                    curves.setdefault(r["group"], []).append((r["length"], Spread(
+                        r["ppl_mean"], r["ppl_std"], r["ppl_ci95"], r["ppl_n"], r["ppl_min"],
+                        r["ppl_max"])))
             name = "ppl_vs_length.png" if dataset == cfg.eval.datasets[0] else \
                 f"ppl_vs_length_{dataset}.png"
             files[name] = plot_ppl_vs_length(curves, mark, out / name,

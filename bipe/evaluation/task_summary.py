@@ -6,12 +6,17 @@
 
 Every job of `python train.py -m experiment=arithmetic_sweep` (or `bi_nfa_sweep`) ends by writing
 `task_eval.json` (test-set metrics per setting, with its encoding, model shape and seed). This
-command reads them all, averages over seeds, and writes into the sweep folder:
+command reads them all and groups the jobs that differ only in their seed (`.hydra/overrides.yaml`
+of each job folder, `seed` left out; `bipe.evaluation.sweeps`). Each cell is reported as its mean
+and the half-width of its 95% interval over seeds (Student's t), with the number of seeds. Written
+into the sweep folder:
 
-* `summary.csv`: one row per (encoding, hidden size, setting) with mean, min and max over seeds;
+* `summary.csv`: one row per (encoding, hidden size, other swept settings, setting) with mean,
+  std, ci95, min, max and the number of seeds;
 * `summary.md`: the table printed to the terminal (rows: encoding and hidden size; columns:
   settings, e.g. `ops_4 ops_5 ...` or `seg_8 seg_16 seg_32`; the first is in-distribution);
-* `accuracy_vs_hidden.png`: one panel per setting, one line per encoding.
+* `accuracy_vs_hidden.png`: one panel per setting, one line per encoding, error bars = 95%
+  interval.
 
 The same table and figure go to W&B as a `summary` run in the sweep's group, beside its jobs'
 runs (mode as for training: `WANDB_MODE`, else online if logged in, else offline).
@@ -24,7 +29,6 @@ import csv
 import json
 import logging
 import os
-import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, DataError
+from bipe.evaluation.stats import Spread
+from bipe.evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
 from data.synthetic.tasks import MAIN_METRIC
+
+# What the rows of a summary are named by; every other swept setting becomes a `variant`.
+ROW_KEYS = ("pe", "model.hidden_size")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,7 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path} is not readable JSON ({exc}); rerun that job or delete "
                             "its folder") from None
-        jobs.append({**job, "path": str(path)})
+        jobs.append({**job, "path": str(path), "overrides": read_overrides(path.parent)})
     if not jobs:
         raise DataError(f"no task_eval.json under {sweep_dir}: its jobs have not finished, or "
                         "they trained a language model (task=lm; use eval.py for those)")
@@ -61,56 +70,92 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarise(jobs: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Rows `(pe, hidden_size, setting)` with `metric` averaged over seeds (mean, min, max)."""
-    groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    """Rows `(pe, hidden_size, variant, setting)` with `metric` over the seeds of each cell:
+    mean, std, ci95 (half-width of the 95% interval), min, max and `seeds` (their number).
+
+    A cell is the job's overrides without `seed`; `variant` names the swept settings other than
+    the encoding and hidden size (e.g. `lr=0.01`), empty when there are none.
+    """
+    cells = {job["path"]: Cell.of(job["overrides"], drop=ROW_KEYS) for job in jobs}
+    other = varying_keys(cells.values())
+    groups: dict[tuple[str, int, str, str], list[float]] = defaultdict(list)
+    members: dict[Cell, list[tuple[int | None, str]]] = defaultdict(list)
     params: dict[tuple[str, int], int] = {}
     settings: list[str] = []
     for job in jobs:
         hidden = int(job["model"]["hidden_size"])
+        variant = cells[job["path"]].label(other)
         params[job["pe"], hidden] = int(job["n_parameters"])
+        members[Cell.of({**job["overrides"], "pe": job["pe"],
+                         "model.hidden_size": str(hidden)})].append(
+            (job.get("seed"), job["path"]))
         for row in job["results"]:
             if metric not in row:
                 raise DataError(f"{job['path']} has no metric {metric!r}; choose one of "
                                 f"{sorted(k for k in row if isinstance(row[k], float))}")
-            groups[job["pe"], hidden, row["setting"]].append(float(row[metric]))
+            groups[job["pe"], hidden, variant, row["setting"]].append(float(row[metric]))
             if row["setting"] not in settings:
                 settings.append(row["setting"])
+    check_distinct_seeds(members)
     order = {s: i for i, s in enumerate(settings)}
     rows = []
-    for (pe, hidden, setting), values in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
-        rows.append({"pe": pe, "hidden_size": hidden, "n_parameters": params[pe, hidden],
-                     "setting": setting, "metric": metric, "mean": statistics.fmean(values),
-                     "min": min(values), "max": max(values), "seeds": len(values)})
+    for (pe, hidden, variant, setting), values in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order[kv[0][3]])):
+        spread = Spread.of(values)
+        rows.append({"pe": pe, "hidden_size": hidden, "variant": variant,
+                     "n_parameters": params[pe, hidden], "setting": setting, "metric": metric,
+                     "mean": spread.mean, "std": spread.std, "ci95": spread.ci95,
+                     "min": spread.min, "max": spread.max, "seeds": spread.n})
     return rows
 
 
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    spread = Spread(row["mean"], row["std"], row["ci95"], row["seeds"], row["min"], row["max"])
+    return spread.format(scale=100, unit="%").replace(" +- ", " ± ")
+
+
 def format_summary(rows: Sequence[dict[str, Any]], title: str, average: bool = False) -> str:
-    """Rows: encoding x hidden size; columns: settings (+ their average); cells: mean % over
-    seeds."""
+    """Rows: encoding x hidden size (x variant); columns: settings (+ their average); cells:
+    `mean ± half-width of the 95% interval` over seeds, in %. A markdown table."""
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    cell = {(r["pe"], r["hidden_size"], r["setting"]): r for r in rows}
-    keys = list(dict.fromkeys((r["pe"], r["hidden_size"]) for r in rows))
+    cell = {(r["pe"], r["hidden_size"], r.get("variant", ""), r["setting"]): r for r in rows}
+    keys = list(dict.fromkeys((r["pe"], r["hidden_size"], r.get("variant", "")) for r in rows))
     seeds = sorted({r["seeds"] for r in rows})
-    note = f" (mean over {seeds[0]} seeds)" if seeds == [seeds[0]] and seeds[0] > 1 else ""
+    note = (f" (mean ± 95% interval over {seeds[0]} seeds)" if seeds == [seeds[0]] and seeds[0] > 1
+            else " (one seed per cell: anecdotes, no interval)" if seeds == [1]
+            else f" (mean ± 95% interval; {seeds[0]} to {seeds[-1]} seeds per cell)")
     columns = [*settings, "average"] if average else settings
-    head = f"| {'pe':<11} | {'hidden':>6} | {'params':>8} | " + " | ".join(
-        f"{s:>8}" for s in columns) + " |"
-    lines = [title + note, "", head, "|" + "|".join(
-        "-" * len(c) for c in head[1:-1].split("|")) + "|"]
-    for pe, hidden in keys:
-        values, means = [], []
-        for s in settings:
-            r = cell.get((pe, hidden, s))
-            values.append(f"{'-':>8}" if r is None else f"{100 * r['mean']:>7.1f}%")
-            if r is not None:
-                means.append(r["mean"])
-        if average:  # over the settings this row has (SCROLLS: the paper's average)
-            values.append(f"{100 * sum(means) / len(means):>7.1f}%" if means else f"{'-':>8}")
-        params = next(r["n_parameters"] for r in rows
-                      if (r["pe"], r["hidden_size"]) == (pe, hidden))
-        lines.append(f"| {pe:<11} | {hidden:>6} | {params:>8,} | " + " | ".join(values) + " |")
+    header = ["pe", "hidden", "params"] + (["variant"] if any(k[2] for k in keys) else []) \
+        + (["seeds"] if len(seeds) > 1 else []) + columns
+    table = []
+    for pe, hidden, variant in keys:
+        mine = [cell.get((pe, hidden, variant, s)) for s in settings]
+        line = [pe, str(hidden), f"{_params(rows, pe, hidden):,}"]
+        if "variant" in header:
+            line.append(variant)
+        if "seeds" in header:
+            line.append(str(max(r["seeds"] for r in mine if r is not None)))
+        line += [_cell(r) for r in mine]
+        if average:  # over the settings this row has (SCROLLS: the paper's average), per seed
+            means = [r["mean"] for r in mine if r is not None]
+            line.append(f"{100 * sum(means) / len(means):.1f}%" if means else "-")
+        table.append(line)
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    left = {"pe", "variant"}
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in
+                                 zip(cells, widths, header, strict=True)) + " |"
+
+    lines = [title + note, "", fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt(t) for t in table]
     return "\n".join(lines)
+
+
+def _params(rows: Sequence[dict[str, Any]], pe: str, hidden: int) -> int:
+    return next(r["n_parameters"] for r in rows if (r["pe"], r["hidden_size"]) == (pe, hidden))
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: str
@@ -133,10 +178,12 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
                            average=task == "scrolls")
     (out / f"{names['md']}.tmp").write_text(table + "\n")
     os.replace(out / f"{names['md']}.tmp", files[names["md"]])
-    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    panels: dict[str, dict[str, list[tuple[int, Spread]]]] = {}
     for r in rows:
-        panels.setdefault(r["setting"], {}).setdefault(r["pe"], []).append(
-            (r["hidden_size"], r["mean"]))
+        label = r["pe"] + (f" {r['variant']}" if r.get("variant") else "")
+        panels.setdefault(r["setting"], {}).setdefault(label, []).append(
+            (r["hidden_size"], Spread(r["mean"], r["std"], r["ci95"], r["seeds"], r["min"],
+                                      r["max"])))
     tmp_png = out / f"{names['png']}.tmp.png"
     plot_accuracy_vs_hidden(panels, tmp_png, metric=metric,
                             title=f"{task}: test {metric} against hidden size")

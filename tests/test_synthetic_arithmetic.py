@@ -271,3 +271,22 @@ def test_cli_prints_readable_chains(capsys):
     assert capsys.readouterr().out.splitlines() == lines
     ar._main(["--operators", "3", "--count", "2", "--seed", "1", "--direct"])
     assert all(len(line.split(" = ")) == 2 for line in capsys.readouterr().out.splitlines())
+
+
+def test_bos_segment_puts_the_question_at_offset_zero_like_every_step():
+    """Consecutive chain segments line up offset by offset (what BiPE's intra table sees): with
+    `<bos>` inside the question its tokens sit one offset late, so the question and the first
+    step almost never agree position by position; as its own segment they agree like later
+    steps do."""
+    rng = random.Random(7)
+    drawn = [ar.make_example(4, rng) for _ in range(400)]
+    inside, alone = ar.position_stats(drawn, False), ar.position_stats(drawn, True)
+    assert inside.aligned[1] < 0.05 < 0.3 < inside.aligned[2]
+    assert alone.aligned[1] > 0.3 and alone.aligned[2] == pytest.approx(inside.aligned[2])
+    for ex in drawn[:20]:
+        enc = ar.encode(ex, bos_segment=True)
+        assert enc.boundary[0] and enc.segments() == ex.operators + 2
+        assert ar.segments_of(enc)[1] == tuple(ar.TOKEN_ID[t] for t in (*ex.question, "="))
+    # Offsets reached: every input token is counted once, at its offset in its segment.
+    assert sum(alone.intra_counts) == sum(len(ar.encode(e).ids) for e in drawn)
+    assert len(alone.intra_counts) == len(inside.intra_counts) - 1  # the longest loses <bos>

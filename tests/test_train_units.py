@@ -74,6 +74,14 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only():
     assert plain["params"] and all(p.dim() < 2 for p in plain["params"])  # RMSNorm weights
     assert len(decayed["params"]) + len(plain["params"]) == len(list(module.parameters()))
 
+    # optim.pe_weight_decay: the positional table gets a group (and decay) of its own.
+    module = LanguageModel(cfg, OptimConfig(weight_decay=0.3, pe_weight_decay=0.0), max_steps=10)
+    decayed, plain, pe = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert pe["weight_decay"] == 0.0
+    assert [names[id(p)] for p in pe["params"]] == ["pe.absolute.table.weight"]
+    assert "pe.absolute.table.weight" not in {names[id(p)] for p in decayed["params"]}
+
 
 def test_batch_seed_differs_per_batch_and_run():
     seeds = {batch_seed(s, k) for s in range(3) for k in range(100)}

@@ -100,10 +100,18 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Decay matrices and embeddings (dim >= 2), not norms, biases or scalars (as nanoGPT).
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2],
+        # The positional tables (BiPE's intra table) may get their own decay.
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        pe_decay = self.optim.pe_weight_decay
+        is_pe = {id(p) for n, p in named if pe_decay is not None and n.startswith("pe.")}
+        groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in is_pe],
                    "weight_decay": self.optim.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+                  {"params": [p for p in params if p.dim() < 2 and id(p) not in is_pe],
+                   "weight_decay": 0.0}]
+        if is_pe:
+            groups.append({"params": [p for p in params if id(p) in is_pe],
+                           "weight_decay": pe_decay})
         # The fused kernel is ~5x faster than the default per-tensor loop on CPU (and fastest on
         # CUDA); other devices keep PyTorch's default implementation.
         fused = all(p.device.type in ("cpu", "cuda") for p in params) or None

@@ -72,6 +72,7 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     power: float = 2.0  # exponent of the `polynomial` schedule
+    pe_weight_decay: float | None = None  # the positional tables' own decay; None: as the rest
 
     def __post_init__(self) -> None:
         if _number(self.lr, "optim.lr") <= 0:
@@ -92,6 +93,10 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if _number(self.power, "optim.power") <= 0:
             raise ConfigError(f"optim.power={self.power} must be positive")
+        if self.pe_weight_decay is not None and _number(
+                self.pe_weight_decay, "optim.pe_weight_decay") < 0:
+            raise ConfigError(f"optim.pe_weight_decay={self.pe_weight_decay} must be >= 0 or "
+                              "null")
 
 
 @dataclass

@@ -36,7 +36,9 @@ correct and has the same value.
 Sequence and segments. `<bos> question = step_1 = ... = answer <eos>`. Segments are steps
 (PAPERS.md section 1, "one reasoning step per segment"): the token that closes a step is its
 boundary, i.e. every `=` and the final `<eos>`. The question with `<bos>` is the first segment;
-the answer with `<eos>` the last. A generated `=` or `<eos>` thus gets its flag from
+the answer with `<eos>` the last. With `bos_segment=True` `<bos>` closes a segment of its own, so
+the question starts at intra-segment offset 0 like every step (a variant: by default the
+question's tokens sit one offset later than the same tokens of the first step). A generated `=` or `<eos>` thus gets its flag from
 `separator_ids=(EQ_ID, EOS_ID)` exactly as in training.
 
 Loss. Only the tokens after the first `=` are targets (the steps, the answer and `<eos>`); the
@@ -193,13 +195,15 @@ def sample_operator_count(max_ops: int, rng: random.Random) -> int:
     return rng.choices(counts, weights=counts)[0]
 
 
-def encode(example: ArithmeticExample) -> EncodedExample:
-    """Token ids with boundaries at `=`/`<eos>` and targets after the first `=`."""
+def encode(example: ArithmeticExample, bos_segment: bool = False) -> EncodedExample:
+    """Token ids with boundaries at `=`/`<eos>` (and `<bos>` with `bos_segment`) and targets
+    after the first `=`."""
     ids = tuple(TOKEN_ID[t] for t in example.tokens())
     first_eq = ids.index(EQ_ID)
     return EncodedExample(
         ids=ids,
-        boundary=tuple(i in SEPARATOR_IDS for i in ids),
+        boundary=tuple(i in SEPARATOR_IDS or (t == 0 and bos_segment)
+                       for t, i in enumerate(ids)),
         scored=tuple(t > first_eq for t in range(len(ids))),
         extras={
             "prompt_len": first_eq + 1,  # inputs [0, prompt_len) are the decoding prompt
@@ -227,6 +231,53 @@ def segment_length_bound(n_ops: int) -> int:
     return question_length_bound(n_ops) + 2
 
 
+def segments_of(encoded: EncodedExample) -> list[tuple[int, ...]]:
+    """The token ids of each segment, in order (the closing token included)."""
+    out, current = [], []
+    for token, flag in zip(encoded.ids, encoded.boundary, strict=True):
+        current.append(token)
+        if flag:
+            out.append(tuple(current))
+            current = []
+    return out + ([tuple(current)] if current else [])
+
+
+@dataclass
+class PositionStats:
+    """How chains sit in BiPE's intra-segment table (`--stats`).
+
+    `intra_counts[i]`: input tokens at intra offset i (which table rows the data reaches, how
+    often). `aligned[k]`: of the tokens of chain segment k (k = 1: the first step), the share
+    whose same-offset token in segment k - 1 is the same token: the copying a step does reads
+    straight across when this is high.
+    """
+
+    intra_counts: list[int]
+    aligned: dict[int, float]
+
+
+def position_stats(examples: Sequence[ArithmeticExample], bos_segment: bool = False
+                   ) -> PositionStats:
+    """`PositionStats` of `examples` encoded with or without `<bos>` as its own segment."""
+    counts: list[int] = []
+    same: dict[int, list[int]] = {}
+    for example in examples:
+        encoded = encode(example, bos_segment)
+        segments = segments_of(encoded)
+        for seg in segments:
+            for i in range(len(seg)):
+                counts += [0] * (i + 1 - len(counts))
+                counts[i] += 1
+        chain = segments[1:] if bos_segment else segments  # drop the lone <bos>
+        for k in range(1, len(chain) - 1):  # steps, not the final `answer <eos>`
+            prev, cur = chain[k - 1], chain[k]
+            hits = sum(a == b for a, b in zip(prev[:-1], cur[:-1], strict=False))
+            total = same.setdefault(k, [0, 0])
+            total[0] += hits
+            total[1] += len(cur) - 1
+    return PositionStats(counts, {k: h / n for k, (h, n) in sorted(same.items()) if n})
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data.synthetic.arithmetic",
@@ -238,10 +289,25 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--direct", action="store_true", help="answer only, no chain of thought")
     parser.add_argument("--mix", action="store_true",
                         help="draw 1..N operators with share proportional to the count")
+    parser.add_argument("--stats", action="store_true",
+                        help="instead of examples: which intra-segment offsets the chains use "
+                             "and how well consecutive steps line up, with <bos> in the "
+                             "question and as a segment of its own")
     args = parser.parse_args(argv)
     if args.operators < 1 or args.count < 0:
         parser.error("--operators must be >= 1 and --count >= 0")
     rng = random.Random(args.seed)
+    if args.stats:
+        drawn = [make_example(sample_operator_count(args.operators, rng) if args.mix
+                              else args.operators, rng, args.direct) for _ in range(args.count)]
+        for bos_segment in (False, True):
+            st = position_stats(drawn, bos_segment)
+            total = sum(st.intra_counts)
+            print(f"bos_segment={bos_segment}: tokens by intra offset (share %): "
+                  + " ".join(f"{i}:{100 * c / total:.1f}" for i, c in enumerate(st.intra_counts)))
+            print("  same token at the same offset as in the segment before, by step: "
+                  + " ".join(f"step {k}: {100 * a:.0f}%" for k, a in st.aligned.items()))
+        return
     for _ in range(args.count):
         n = sample_operator_count(args.operators, rng) if args.mix else args.operators
         print(make_example(n, rng, args.direct).text())

@@ -7,7 +7,7 @@ batching and loaders; this module knows nothing about torch.
 Keys (`task.*`), with defaults:
   common:     name (arithmetic | bi_nfa), batch_size 64, eval_batch_size 256, n_val 256,
               val_seed 1234, num_workers 0
-  arithmetic: operators 4, direct false, test_offsets [1, 2, 3]
+  arithmetic: operators 4, direct false, test_offsets [1, 2, 3], bos_segment false
   bi_nfa:     alphabet 3, inner_states 5, outer_states 4, density 0.3, automaton_seed 0,
               segment_length [2, 5], segments [1, 8], test_multipliers [1, 2, 4]
 An unknown key is an error naming it (a misspelt `task.operator` must not train the default).
@@ -41,7 +41,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # accuracy after 8 minutes (4,100 steps) and 100% after 9; BiPE-RoPE 81% after 8 minutes
     # (2,900 steps, a busier core). N = 5 with hidden 128 was at 19% after 5 minutes (600
     # steps). Feng et al.'s N = 15 needs ~500-token chains and GPU hours.
-    "arithmetic": {"operators": 4, "direct": False, "test_offsets": [1, 2, 3]},
+    "arithmetic": {"operators": 4, "direct": False, "test_offsets": [1, 2, 3],
+                   "bos_segment": False},
     "bi_nfa": {
         "alphabet": bi_nfa.DEFAULTS["alphabet"],
         "inner_states": bi_nfa.DEFAULTS["inner_states"],
@@ -99,8 +100,9 @@ def resolve(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["num_workers"] = _int(out, "num_workers", 0)
     if name == "arithmetic":
         out["operators"] = _int(out, "operators", 1, 64)
-        if not isinstance(out["direct"], bool):
-            raise ConfigError(f"task.direct={out['direct']!r} must be true or false")
+        for key in ("direct", "bos_segment"):
+            if not isinstance(out[key], bool):
+                raise ConfigError(f"task.{key}={out[key]!r} must be true or false")
         out["test_offsets"] = _int_list(out, "test_offsets", 1)
     else:
         out["alphabet"] = _int(out, "alphabet", 1, bi_nfa.MAX_ALPHABET)
@@ -134,13 +136,15 @@ class ArithmeticTask:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.operators: int = cfg["operators"]
         self.direct: bool = cfg["direct"]
+        self.bos_segment: bool = cfg["bos_segment"]
         self.eval_operators = [self.operators] + [self.operators + o for o in cfg["test_offsets"]]
         self.vocab: tuple[str, ...] = arithmetic.VOCAB
         self.pad_id, self.bos_id, self.eod_id = (arithmetic.PAD_ID, arithmetic.BOS_ID,
                                                  arithmetic.EOS_ID)
 
     def _draw(self, n_ops: int, rng: random.Random) -> EncodedExample:
-        return arithmetic.encode(arithmetic.make_example(n_ops, rng, self.direct))
+        return arithmetic.encode(arithmetic.make_example(n_ops, rng, self.direct),
+                                 self.bos_segment)
 
     def train_example(self, rng: random.Random) -> EncodedExample:
         """One training example: 1..N operators, share proportional to the count."""
@@ -160,7 +164,8 @@ class ArithmeticTask:
         """Plain numbers: bounds over training and evaluation, expected segments per sequence."""
         n = self.operators
         weights = range(1, n + 1)
-        segments = [2 if self.direct else k + 1 for k in weights]  # question + one per step
+        # the question + one per step (+ <bos> alone with bos_segment)
+        segments = [(2 if self.direct else k + 1) + self.bos_segment for k in weights]
         top = max(self.eval_operators)
         return {
             "operators": n,

@@ -29,8 +29,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run every enabled evaluation; returns the rows written to results.json."""
     import torch
 
-    from bipe.evaluation import runner
-    from bipe.training.job import tidy_lightning_output
+    from evaluation import runner
+    from training.job import tidy_lightning_output
 
     tidy_lightning_output()
     torch.manual_seed(cfg.seed)
@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from bipe.training.job import run_job
+    from training.job import run_job
 
     run_job(evaluate, cfg)
 

@@ -52,11 +52,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """One run from a composed config; returns the final metrics."""
     # Imports come as late as they can: Hydra's own errors (an unknown `pe=` choice, a misspelled
     # override) answer before torch loads, and config errors before Lightning does.
-    from bipe.training import builders
-    from bipe.training.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
-    from bipe.training.finetune import apply_finetune
-    from bipe.training.resume import check_resume
-    from bipe.training.schema import validate_config
+    from models.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
+    from training import builders
+    from training.finetune import apply_finetune
+    from training.resume import check_resume
+    from training.schema import validate_config
 
     # 1. Everything that can be checked without data: checkpoints, config keys, model shapes.
     output_dir = Path(cfg.paths.output_dir)
@@ -73,12 +73,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
 
-    from bipe.training.job import tidy_lightning_output
-    from bipe.training.module import LanguageModel
-    from bipe.training.task_module import TaskModel
-    from bipe.training.throughput import TokenThroughput
-    from bipe.training.wandb_logger import record_run
-    from data.synthetic.tasks import MAIN_METRIC
+    from tasks.synthetic.tasks import MAIN_METRIC
+    from training.job import tidy_lightning_output
+    from training.module import LanguageModel
+    from training.task_module import TaskModel
+    from training.throughput import TokenThroughput
+    from training.wandb_logger import record_run
 
     tidy_lightning_output()
 
@@ -175,7 +175,7 @@ def _length_eval(cfg: DictConfig, settings: Any, module: Any, dm: Any, trainer: 
                  device: Any) -> tuple[dict[str, Any], str]:
     """Perplexity at `eval.lengths` x the training length -> (metrics, printed table);
     writes `length_eval.json`."""
-    from bipe.training.length_eval import evaluate_lengths, format_table
+    from training.length_eval import evaluate_lengths, format_table
 
     results = evaluate_lengths(
         module.model, dm, settings.block_size, settings.eval.lengths, split=settings.eval.split,
@@ -195,8 +195,8 @@ def _length_eval(cfg: DictConfig, settings: Any, module: Any, dm: Any, trainer: 
 def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
                device: Any) -> tuple[dict[str, Any], str]:
     """The task's metrics on its test sets -> (metrics, printed table); writes `task_eval.json`
-    (what `python -m bipe.evaluation.task_summary` gathers from a sweep)."""
-    from bipe.training.task_module import evaluate_task, format_task_table
+    (what `python -m evaluation.task_summary` gathers from a sweep)."""
+    from training.task_module import evaluate_task, format_task_table
 
     rows = evaluate_task(module.model, dm.test_dataloader(), dm.val_names, dm.score, device)
     _write_json(Path(cfg.paths.output_dir) / "task_eval.json",
@@ -217,7 +217,7 @@ def _task_eval(cfg: DictConfig, module: Any, dm: Any, trainer: Any,
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final value of `optimized_metric` (for sweepers)."""
-    from bipe.training.job import run_job  # imports torch (see `train`)
+    from training.job import run_job  # imports torch (see `train`)
 
     return run_job(lambda c: optimized_value(c, train(c)), cfg)
 

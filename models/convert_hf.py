@@ -477,7 +477,7 @@ def build_checkpoint(cfg: ModelConfig, state: Mapping[str, Tensor], tokenizer: A
     `"bipe"` metadata) that `build_model_from_checkpoint` and `eval.py` read."""
     import lightning
 
-    from bipe.training.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, STATE_PREFIX, to_plain
+    from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, STATE_PREFIX, to_plain
 
     model = Transformer(cfg)
     model.load_state_dict(dict(state))  # strict: every weight mapped, nothing left over
@@ -518,7 +518,7 @@ def convert_folder(hf_dir: str | Path, out: str | Path, *, pe: str | None = None
                    block_size: int | None = None,
                    max_segments_per_block: int | None = None) -> Path:
     """Convert a local HF Llama folder into one of our checkpoints at `out` (written atomically)."""
-    from bipe.training.checkpoint import save_atomic
+    from models.checkpoint import save_atomic
 
     hf_config, hf_state = load_hf_folder(hf_dir)
     pe = pe or hf_config.get("rpe_type")

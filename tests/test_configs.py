@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from bipe.errors import ConfigError
-from bipe.training import builders
-from bipe.training.schema import validate_config
 from tests.conftest import CONF, compose_train
+from training import builders
+from training.schema import validate_config
 
 GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment",
           "hparams_search"]
@@ -157,7 +157,7 @@ def test_override_of_a_missing_key_is_refused_by_hydra(tmp_path):
 
 def test_config_files_have_no_stray_keys():
     # Every top-level key of train.yaml is one the schema knows (so a typo there fails too).
-    from bipe.training.schema import TOP_LEVEL_KEYS
+    from training.schema import TOP_LEVEL_KEYS
 
     text = OmegaConf.load(Path(CONF) / "train.yaml")
     assert set(text) - {"defaults"} <= set(TOP_LEVEL_KEYS)

@@ -256,7 +256,7 @@ def _tokenizer_file(folder: Path) -> Path:
 @torch.no_grad()
 def test_cli_writes_loadable_checkpoint(hf, hf_dict, intra_table, ids, tmp_path, capsys):
     """The command writes our format; build_model_from_checkpoint gives the same logits."""
-    from bipe.training.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from models.checkpoint import build_model_from_checkpoint, load_checkpoint
 
     src = tmp_path / "bipe_rope_hf"
     src.mkdir()

@@ -36,9 +36,9 @@ def two_runs(tmp_path_factory, corpus, cache_dir):
 
 def test_eval_writes_every_output_and_matches_a_hand_computed_block(two_runs, cache_dir,
                                                                     tmp_path):
-    from bipe.evaluation import runner
-    from bipe.training.checkpoint import build_model_from_checkpoint
     from eval import evaluate
+    from evaluation import runner
+    from models.checkpoint import build_model_from_checkpoint
 
     out = tmp_path / "eval"
     cfg = compose_eval([f"sweep_dir={two_runs}", "eval.max_tokens=32", "eval.lengths=[1,2]",
@@ -81,7 +81,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, cache_dir):
 @pytest.mark.parametrize("lm_infinite", [False, True])
 def test_16k_token_forward_of_a_tiny_model(name, lm_infinite):
     from bipe import AttentionOptions, LMInfinite
-    from bipe.evaluation import perplexity_at_length
+    from evaluation import perplexity_at_length
     from tests.helpers import tiny_model
 
     model = tiny_model(name, train_len=64)
@@ -107,7 +107,7 @@ def _seed_rows(values: dict[str, list[float]], lengths=(32, 64)) -> list[dict]:
 
 def test_the_perplexity_table_reports_seeds_with_mean_and_interval():
     """Rows of one group (the seeds of a sweep cell) become `mean ± 95% interval`."""
-    from bipe.evaluation.runner import format_ppl_table, summarize_ppl
+    from evaluation.runner import format_ppl_table, summarize_ppl
 
     rows = _seed_rows({"rope": [10.0, 12.0, 14.0], "alibi": [20.0]})
     summary = {(r["group"], r["length"]): r for r in summarize_ppl(rows)}
@@ -128,7 +128,7 @@ def test_checkpoints_of_one_sweep_cell_share_a_group_and_others_do_not(tmp_path)
     encoding and seed from elsewhere is not folded into it."""
     import yaml
 
-    from bipe.evaluation.runner import group_labels
+    from evaluation.runner import group_labels
 
     paths, metas = [], []
     for n, (pe, seed, hidden) in enumerate([("rope", 0, 32), ("rope", 1, 32), ("rope", 0, 64),

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bipe.attention import AttentionOptions
-from bipe.evaluation import build_prompt, generation_quality, perplexity_at_length
-from bipe.evaluation.passkey import FILLER, INSTRUCTION, KEY, QUESTION, _sentences, first_number
+from evaluation import build_prompt, generation_quality, perplexity_at_length
+from evaluation.passkey import FILLER, INSTRUCTION, KEY, QUESTION, _sentences, first_number
 from tests.helpers import tiny_model
 
 
@@ -126,7 +126,7 @@ def test_log_axis_is_labelled_even_inside_one_decade(values, inside):
     no number at all on the figure."""
     import matplotlib.pyplot as plt
 
-    from bipe.evaluation.plots import _label_log_axis
+    from evaluation.plots import _label_log_axis
 
     fig, ax = plt.subplots()
     ax.plot([1, 2], values)

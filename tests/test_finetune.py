@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bipe.errors import ConfigError
-from bipe.training.checkpoint import build_model_from_checkpoint, load_checkpoint
+from models.checkpoint import build_model_from_checkpoint, load_checkpoint
 from tests.conftest import CONF
 
 YARN = ["finetune.model_from_checkpoint=true", "finetune.block_size_factor=2",
@@ -33,7 +33,7 @@ def test_yarn_finetune_takes_the_checkpoints_model_and_its_checkpoint_carries_th
     assert metrics["eval/ppl_1x"] is not None
 
     # eval.py: the base model as saved and YaRN-scaled at inference, the fine-tuned one as saved.
-    from bipe.evaluation.runner import load_models
+    from evaluation.runner import load_models
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[

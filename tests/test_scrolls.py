@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from bipe.errors import ConfigError
-from bipe.evaluation.scrolls_metrics import exact_match, f1, normalize_answer, rouge, score
 from data import DataConfig
-from data.scrolls import ScrollsEncoder, resolve
 from data.tokenizer import train_bpe
+from tasks.scrolls import ScrollsEncoder, resolve
+from tasks.scrolls_metrics import exact_match, f1, normalize_answer, rouge, score
 from tests.conftest import WORDS, compose_train
 
 
@@ -108,9 +108,9 @@ def write_scrolls(folder, n_train=6, n_val=3):
 
 
 def test_scrolls_fine_tunes_scores_and_summarises(run_train, tmp_path):
-    from bipe.evaluation.task_summary import main as summary_main
-    from bipe.training.checkpoint import build_model_from_checkpoint
-    from data.scrolls import ScrollsDataModule
+    from evaluation.task_summary import main as summary_main
+    from models.checkpoint import build_model_from_checkpoint
+    from tasks.scrolls import ScrollsDataModule
     from train import train
 
     _, base = run_train("base", "pe=bipe_rope")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bipe.evaluation.stats import Spread, t_quantile_975
+from evaluation.stats import Spread, t_quantile_975
 
 
 def test_spread_of_known_values():

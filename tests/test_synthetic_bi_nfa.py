@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import bi_nfa as bn
-from data.synthetic.datamodule import SyntheticDataModule
+from tasks.synthetic import bi_nfa as bn
+from tasks.synthetic.datamodule import SyntheticDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def simulate(automaton, words):
 @pytest.fixture(scope="module")
 def cli_output():
     out = subprocess.run(
-        [sys.executable, "-m", "data.synthetic.bi_nfa", "--count", "30", "--seed", "3",
+        [sys.executable, "-m", "tasks.synthetic.bi_nfa", "--count", "30", "--seed", "3",
          "--segments", "6", "--automaton-seed", "5"],
         cwd=ROOT, capture_output=True, text=True, check=True, timeout=120,
     ).stdout

@@ -5,8 +5,8 @@ import torch
 from tokenizers import Tokenizer
 
 from bipe.errors import ConfigError
-from data.synthetic import SyntheticDataModule
-from data.synthetic import arithmetic as ar
+from tasks.synthetic import SyntheticDataModule
+from tasks.synthetic import arithmetic as ar
 
 SMALL = {"name": "arithmetic", "operators": 4, "batch_size": 8, "n_val": 12,
          "eval_batch_size": 5}

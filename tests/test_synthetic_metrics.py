@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from bipe import PEConfig
-from data.synthetic import SyntheticDataModule
-from data.synthetic.metrics import arithmetic_accuracy, bi_nfa_accuracy
 from models import ModelConfig, Transformer
+from tasks.synthetic import SyntheticDataModule
+from tasks.synthetic.metrics import arithmetic_accuracy, bi_nfa_accuracy
 
 
 class Oracle(nn.Module):

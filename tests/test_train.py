@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from bipe.training.checkpoint import CHECKPOINT_KEY, build_model_from_checkpoint
-from bipe.training.module import next_token_loss
 from data import LMDataModule
+from models.checkpoint import CHECKPOINT_KEY, build_model_from_checkpoint
+from training.module import next_token_loss
 
 ENCODINGS = ["nope", "sinusoidal", "learned", "rope", "alibi", "bipe_rope", "bipe_alibi"]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import bipe.training.checkpoint as checkpoint_module
+import models.checkpoint as checkpoint_module
 from bipe.errors import CheckpointError, ConfigError
-from bipe.training.checkpoint import CHECKPOINT_KEY, load_checkpoint, to_plain
-from bipe.training.checkpoint_io import AtomicCheckpointIO
+from models.checkpoint import CHECKPOINT_KEY, load_checkpoint, to_plain
+from training.checkpoint_io import AtomicCheckpointIO
 
 
 class NotAllowed:

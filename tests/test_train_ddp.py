@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bipe.errors import ConfigError
-from data.synthetic import SyntheticDataModule
+from tasks.synthetic import SyntheticDataModule
 from tests.conftest import ROOT, smoke_overrides
 from tests.test_data_pipeline import make_cfg, ready
 

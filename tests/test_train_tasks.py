@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from bipe.errors import ConfigError
-from bipe.training.checkpoint import build_model_from_checkpoint
-from bipe.training.task_module import TaskScores, evaluate_task, format_task_table
-from data.synthetic import SyntheticDataModule
+from models.checkpoint import build_model_from_checkpoint
+from tasks.synthetic import SyntheticDataModule
 from tests.conftest import ROOT, compose_train
+from training.task_module import TaskScores, evaluate_task, format_task_table
 
 TINY = ["logger=none", "model.n_layers=1", "model.hidden_size=16", "model.n_heads=2",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
@@ -47,7 +47,7 @@ def test_a_task_selects_its_data_and_model_and_the_command_line_still_wins():
     (["task=lm", "data=synthetic"], "data=synthetic only serves"),
 ])
 def test_bad_task_configs_name_the_key(overrides, needle, tmp_path):
-    from bipe.training.schema import validate_config
+    from training.schema import validate_config
 
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("+", r"\+")):
         validate_config(compose_train(overrides, tmp_path))
@@ -117,7 +117,7 @@ def test_a_two_job_sweep_and_its_summary(tmp_path):
     assert len(reports) == 2
 
     summary = subprocess.run(
-        [sys.executable, "-m", "bipe.evaluation.task_summary", str(sweep)],
+        [sys.executable, "-m", "evaluation.task_summary", str(sweep)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr[-3000:]
     assert "| rope " in summary.stdout and "| bipe_rope " in summary.stdout
@@ -135,7 +135,7 @@ def test_a_two_job_sweep_and_its_summary(tmp_path):
 
 
 def test_the_summary_command_names_a_folder_without_results(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bipe.evaluation.task_summary", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "evaluation.task_summary", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: no task_eval.json under")
@@ -157,7 +157,7 @@ def _write_job(root, name, *, pe="rope", hidden=32, seed=0, acc=0.5, overrides=N
 def test_the_summary_groups_seeds_with_their_mean_and_interval(tmp_path):
     """Jobs that differ only in their seed form one cell: mean, sample std, Student's t 95%
     interval and the number of seeds, in the CSV and in the printed table."""
-    from bipe.evaluation.task_summary import format_summary, load_jobs, summarise
+    from evaluation.task_summary import format_summary, load_jobs, summarise
 
     for seed, acc in ((0, 0.9), (1, 1.0), (2, 0.8)):
         _write_job(tmp_path, f"{seed}_rope_s{seed}", seed=seed, acc=acc)
@@ -179,7 +179,7 @@ def test_the_summary_groups_seeds_with_their_mean_and_interval(tmp_path):
 
 def test_other_swept_settings_stay_apart_and_a_repeated_seed_is_refused(tmp_path):
     from bipe.errors import DataError
-    from bipe.evaluation.task_summary import format_summary, load_jobs, summarise
+    from evaluation.task_summary import format_summary, load_jobs, summarise
 
     for n, lr in enumerate(("0.01", "0.02")):
         _write_job(tmp_path, f"{n}_lr", acc=0.5 + n / 4,
@@ -194,12 +194,12 @@ def test_other_swept_settings_stay_apart_and_a_repeated_seed_is_refused(tmp_path
 
 
 def test_summary_files_are_named_by_metric(tmp_path):
-    from bipe.evaluation.task_summary import load_jobs, summarise
+    from evaluation.task_summary import load_jobs, summarise
 
     for seed, acc in ((0, 0.5), (1, 1.0)):
         _write_job(tmp_path, f"{seed}_seed={seed}", seed=seed, acc=acc)
     rows = summarise(load_jobs(tmp_path), "accuracy")
-    from bipe.evaluation.task_summary import write_outputs
+    from evaluation.task_summary import write_outputs
 
     files = write_outputs(rows, tmp_path, "arithmetic", "accuracy")
     other = write_outputs(summarise(load_jobs(tmp_path), "accuracy"), tmp_path, "arithmetic",

@@ -1,4 +1,4 @@
-"""`python -m bipe.evaluation.tuning`: each encoding's learning rate chosen on a constructed sweep
+"""`python -m evaluation.tuning`: each encoding's learning rate chosen on a constructed sweep
 whose best values are known, then loaded back by `experiment=<study>`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bipe.errors import DataError
-from bipe.evaluation.tuning import choose, load_runs, minimise, write_tuned
+from evaluation.tuning import choose, load_runs, minimise, write_tuned
 from tests.conftest import ROOT
 
 # pe -> lr -> validation losses of seeds 0 and 1
@@ -77,14 +77,14 @@ def test_the_same_seed_twice_in_one_cell_is_refused(tmp_path):
 
 def test_the_command_prints_the_table_and_fails_in_one_line(tmp_path):
     sweep = make_sweep(tmp_path / "sweep")
-    ok = subprocess.run([sys.executable, "-m", "bipe.evaluation.tuning", str(sweep)], cwd=ROOT,
+    ok = subprocess.run([sys.executable, "-m", "evaluation.tuning", str(sweep)], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[0].startswith("val/ops_4/loss by learning rate (lower is better")
     rope = next(line for line in lines if line.startswith("rope "))
     assert "1.6*" in rope and rope.split()[-1] == "0.003"
-    bad = subprocess.run([sys.executable, "-m", "bipe.evaluation.tuning", str(tmp_path / "no")],
+    bad = subprocess.run([sys.executable, "-m", "evaluation.tuning", str(tmp_path / "no")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: sweep folder")

@@ -1,10 +1,10 @@
 """`TaskModel`: training on a synthetic task, scored per test length by loss and task metrics.
 
-A synthetic task (`data.synthetic`, `task=arithmetic | bi_nfa`) has one evaluation set per
+A synthetic task (`tasks.synthetic`, `task=arithmetic | bi_nfa`) has one evaluation set per
 setting (`ops_4, ops_5, ...` or `seg_8, seg_16, ...`), served as a list of validation loaders.
 `TaskModel` is the `LanguageModel` (same loss, optimizer, schedule and checkpoints) with a
 validation that keeps the settings apart: per setting it adds the summed loss and the task's
-sums and counts over batches (`data.synthetic.metrics.RATES`), and logs `val/<setting>/loss` and
+sums and counts over batches (`tasks.synthetic.metrics.RATES`), and logs `val/<setting>/loss` and
 `val/<setting>/<rate>`. `val/loss` is the first (in-distribution) setting's loss, so checkpoint
 selection never looks at the extrapolation sets. `evaluate_task` scores the test sets the same way
 at the end of a run.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bipe.training.module import LanguageModel, next_token_loss
-from data.synthetic.metrics import add_sums, rates
+from tasks.synthetic.metrics import add_sums, rates
+from training.module import LanguageModel, next_token_loss
 
 Scorer = Callable[[nn.Module, dict[str, Tensor]], dict[str, float]]
 

@@ -3,7 +3,7 @@
 Each job folder of `python train.py -m ...` holds `.hydra/overrides.yaml`, the command-line
 overrides that made it (`pe=rope`, `model.hidden_size=48`, `seed=1`). Two jobs belong to the same
 cell when their overrides are equal once `seed` is left out; summaries report a cell's mean and
-interval over its seeds (`bipe.evaluation.stats.Spread`).
+interval over its seeds (`evaluation.stats.Spread`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ closes the input's last segment, the end-of-document token the output's.
 Training draws rows uniformly: global batch k = `random.Random(f"train/{seed}/{k}")`, so it is a
 function of (seed, k) and resumes exactly (`BatchStream`). Scoring: greedy KV-cached generation
 from `input + separator` until end-of-document or `task.max_new_tokens`, decoded and scored
-against every reference of the id with the subset's metric (`bipe.evaluation.scrolls_metrics`).
+against every reference of the id with the subset's metric (`tasks.scrolls_metrics`).
 Validation scores the first `task.n_val` ids of the validation split; the end-of-run test scores
 all of them (SCROLLS' test outputs are not public).
 """
@@ -38,15 +38,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bipe.errors import ConfigError, DataError
-from bipe.evaluation.scrolls_metrics import SUBSET_METRIC, score
+from data.config import DataConfig
+from data.datamodule import BatchStream, trainer_layout
+from data.segment import Segmenter, configured_separator_ids
+from data.tokenizer import DocumentEncoder
 from models import generate
+from tasks.scrolls_metrics import SUBSET_METRIC, score
 
-from .config import DataConfig
-from .datamodule import BatchStream, trainer_layout
-from .segment import Segmenter, configured_separator_ids
 from .synthetic.datamodule import FixedExamples, collate
 from .synthetic.example import EncodedExample
-from .tokenizer import DocumentEncoder
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_split(cfg: Mapping[str, Any], split: str) -> list[ScrollsExample]:
     """The examples of one split, grouped by id in first-seen order."""
     import datasets
 
-    from .sources import OFFLINE_HINT, _offline_reason
+    from data.sources import OFFLINE_HINT, _offline_reason
 
     try:
         if cfg["data_files"] is not None:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
-from bipe.evaluation.stats import Spread  # noqa: E402
+from evaluation.stats import Spread  # noqa: E402
 
 
 def as_spread(value: Spread | float) -> Spread:

@@ -38,13 +38,13 @@ Sequence and segments. `<bos> question = step_1 = ... = answer <eos>`. Segments 
 boundary, i.e. every `=` and the final `<eos>`. The question with `<bos>` is the first segment;
 the answer with `<eos>` the last. With `bos_segment=True` `<bos>` closes a segment of its own, so
 the question starts at intra-segment offset 0 like every step (a variant: by default the
-question's tokens sit one offset later than the same tokens of the first step). A generated `=` or `<eos>` thus gets its flag from
-`separator_ids=(EQ_ID, EOS_ID)` exactly as in training.
+question's tokens sit one offset later than the same tokens of the first step). A generated
+`=` or `<eos>` thus gets its flag from `separator_ids=(EQ_ID, EOS_ID)` exactly as in training.
 
 Loss. Only the tokens after the first `=` are targets (the steps, the answer and `<eos>`); the
 prompt for greedy decoding is everything up to and including the first `=`.
 
-Command line: `python -m data.synthetic.arithmetic --operators N --count K --seed S [--direct]`
+Command line: `python -m tasks.synthetic.arithmetic --operators N --count K --seed S [--direct]`
 prints K examples with N operators, one a line (`--mix` draws 1..N operators as in training).
 """
 
@@ -280,7 +280,7 @@ def position_stats(examples: Sequence[ArithmeticExample], bos_segment: bool = Fa
 
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m data.synthetic.arithmetic",
+        prog="python -m tasks.synthetic.arithmetic",
         description="Print chain-of-thought arithmetic examples (mod 11), one a line.",
     )
     parser.add_argument("--operators", type=int, required=True, help="operators per question")

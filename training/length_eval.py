@@ -1,6 +1,6 @@
 """End-of-run perplexity at multiples of the training length: does the encoding extrapolate?
 
-A thin layer over `bipe.evaluation.perplexity_at_length` (blocks protocol: non-overlapping
+A thin layer over `evaluation.perplexity_at_length` (blocks protocol: non-overlapping
 blocks, every token of the split scored once, token-weighted, as in the BiPE paper): it picks
 the lengths, turns a length the model cannot run into a table row instead of a crash, and
 formats the table `train.py` prints.
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bipe.errors import BipeError
-from bipe.evaluation import perplexity_at_length
-from bipe.training.messages import first_line
+from evaluation import perplexity_at_length
+from training.messages import first_line
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bipe.errors import CheckpointError
-from bipe.training.messages import first_line
+from training.messages import first_line
 
 log = logging.getLogger(__name__)
 

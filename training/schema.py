@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bipe.errors import ConfigError
-from bipe.training.builders import model_config
-from bipe.training.messages import first_line
-from bipe.training.schedule import SCHEDULES
 from data import DataConfig
 from data.config import TokenizerConfig
+from training.builders import model_config
+from training.messages import first_line
+from training.schedule import SCHEDULES
 
 TOP_LEVEL_KEYS = ("seed", "optimized_metric", "ckpt_path", "init_from", "finetune", "optim",
                   "eval", "pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths")
@@ -155,9 +155,9 @@ def _check_task_and_data(task: Mapping[str, Any], data: Mapping[str, Any]) -> in
         return DataConfig.from_dict(data).block_size  # raises ConfigError naming data.*
 
     if name == "scrolls":
-        from data.scrolls import resolve
+        from tasks.scrolls import resolve
     else:
-        from data.synthetic.tasks import resolve
+        from tasks.synthetic.tasks import resolve
 
     resolve(task)  # raises ConfigError naming task.*
     if data.get("name") != name:  # conf/data/synthetic.yaml: name: ${task.name}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bipe.errors import ConfigError
-from bipe.training.checkpoint import CHECKPOINT_KEY
+from models.checkpoint import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bipe.errors import ConfigError
-from bipe.training.messages import first_line
+from training.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def datamodule(cfg: DictConfig, start_meta: dict[str, Any] | None = None,
 
 def scrolls_datamodule(cfg: DictConfig, start_meta: dict[str, Any] | None) -> Any:
     """`ScrollsDataModule` with the pretrained checkpoint's tokenizer and segmenter."""
-    from data.scrolls import ScrollsDataModule
+    from tasks.scrolls import ScrollsDataModule
 
     if not start_meta:
         raise ConfigError("task=scrolls fine-tunes a pretrained language model: set "
@@ -79,7 +79,7 @@ def synthetic_datamodule(cfg: DictConfig, tokenizer_json: str | None = None) -> 
     A learned token-position table must cover the longest test sequence (it cannot extrapolate);
     a checkpoint to start from must share the task's vocabulary.
     """
-    from data.synthetic import SyntheticDataModule
+    from tasks.synthetic import SyntheticDataModule
 
     dm = SyntheticDataModule(_plain(cfg.task), seed=int(cfg.seed))
     dm.setup("fit")
@@ -163,7 +163,7 @@ def trainer(cfg: DictConfig, callbacks: list[Any], logger: Any) -> Any:
     """`cfg.trainer` as a Lightning Trainer that writes checkpoints atomically."""
     from hydra.utils import get_class
 
-    from bipe.training.checkpoint_io import AtomicCheckpointIO
+    from training.checkpoint_io import AtomicCheckpointIO
 
     kwargs = _plain(cfg.trainer)
     cls = get_class(kwargs.pop("_target_"))

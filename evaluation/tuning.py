@@ -1,8 +1,8 @@
 """Read a tuning sweep and choose each encoding's learning rate on the validation metric.
 
     python train.py -m experiment=arithmetic_sweep hparams_search=arithmetic_lr
-    python -m bipe.evaluation.tuning multirun/<day>/<time>
-    python -m bipe.evaluation.tuning multirun/<day>/<time> --write conf/tuned/arithmetic_sweep
+    python -m evaluation.tuning multirun/<day>/<time>
+    python -m evaluation.tuning multirun/<day>/<time> --write conf/tuned/arithmetic_sweep
 
 Every job of the sweep writes `metrics.json` (its final metrics) and says in `.hydra/config.yaml`
 which one it optimises (`optimized_metric`: a validation metric, never a test one). This command
@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from bipe.errors import BipeError, DataError
-from bipe.evaluation.stats import Spread
-from bipe.evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
+from evaluation.stats import Spread
+from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
 
 LR_KEY = "optim.lr"
 
@@ -141,7 +141,7 @@ def write_tuned(out: Path, sweep_dir: Path, metric: str,
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(
             "# @package _global_\n"
-            f"# Tuned by `python -m bipe.evaluation.tuning {sweep_dir}`:\n"
+            f"# Tuned by `python -m evaluation.tuning {sweep_dir}`:\n"
             f"# {metric} ({'lower' if minimise(metric) else 'higher'} is better) at each lr, "
             f"{'/'.join(map(str, seeds))} seed(s):\n# {grid}\n"
             + ("# The best is on the edge of the grid.\n" if r.at_edge else "")
@@ -152,7 +152,7 @@ def write_tuned(out: Path, sweep_dir: Path, metric: str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bipe.evaluation.tuning",
+    parser = argparse.ArgumentParser(prog="python -m evaluation.tuning",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="the tuning sweep (multirun/<day>/<time>)")
     parser.add_argument("--write", type=Path, default=None, metavar="DIR",

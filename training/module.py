@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from bipe.training.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, to_plain
-from bipe.training.schedule import lr_multiplier
-from bipe.training.schema import OptimConfig
 from models import ModelConfig, Transformer
+from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, to_plain
+from training.schedule import lr_multiplier
+from training.schema import OptimConfig
 
 
 def next_token_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None

@@ -26,7 +26,7 @@ from . import arithmetic, bi_nfa
 from .example import EncodedExample
 
 TASK_NAMES = ("arithmetic", "bi_nfa")
-# The headline metric of each task (`data.synthetic.metrics.RATES`): progress bar, summaries.
+# The headline metric of each task (`tasks.synthetic.metrics.RATES`): progress bar, summaries.
 MAIN_METRIC = {"arithmetic": "accuracy", "bi_nfa": "sequence_accuracy", "scrolls": "score"}
 COMMON_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
@@ -129,7 +129,7 @@ class EvalSetting:
 
 
 class ArithmeticTask:
-    """Chain-of-thought (or direct) arithmetic mod 11; see `data.synthetic.arithmetic`."""
+    """Chain-of-thought (or direct) arithmetic mod 11; see `tasks.synthetic.arithmetic`."""
 
     name = "arithmetic"
 
@@ -180,7 +180,7 @@ class ArithmeticTask:
 
 
 class BiNFATask:
-    """Bilevel NFA sequences; see `data.synthetic.bi_nfa` (its docstring is the definition)."""
+    """Bilevel NFA sequences; see `tasks.synthetic.bi_nfa` (its docstring is the definition)."""
 
     name = "bi_nfa"
 

@@ -11,8 +11,8 @@ from typing import TypeVar
 from omegaconf import DictConfig
 
 from bipe.errors import BipeError
-from bipe.training.messages import first_line
-from bipe.training.wandb_logger import finish_wandb
+from training.messages import first_line
+from training.wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,13 +1,13 @@
 """Gather a synthetic-task sweep into a table and a figure: accuracy against hidden size.
 
-    python -m bipe.evaluation.task_summary multirun/<day>/<time>
-    python -m bipe.evaluation.task_summary multirun/<day>/<time> --metric exact
-    python -m bipe.evaluation.task_summary multirun/<day>/<time>    # a SCROLLS sweep: + average
+    python -m evaluation.task_summary multirun/<day>/<time>
+    python -m evaluation.task_summary multirun/<day>/<time> --metric exact
+    python -m evaluation.task_summary multirun/<day>/<time>    # a SCROLLS sweep: + average
 
 Every job of `python train.py -m experiment=arithmetic_sweep` (or `bi_nfa_sweep`) ends by writing
 `task_eval.json` (test-set metrics per setting, with its encoding, model shape and seed). This
 command reads them all and groups the jobs that differ only in their seed (`.hydra/overrides.yaml`
-of each job folder, `seed` left out; `bipe.evaluation.sweeps`). Each cell is reported as its mean
+of each job folder, `seed` left out; `evaluation.sweeps`). Each cell is reported as its mean
 and the half-width of its 95% interval over seeds (Student's t), with the number of seeds. Written
 into the sweep folder:
 
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, DataError
-from bipe.evaluation.stats import Spread
-from bipe.evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
-from data.synthetic.tasks import MAIN_METRIC
+from evaluation.stats import Spread
+from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
+from tasks.synthetic.tasks import MAIN_METRIC
 
 # What the rows of a summary are named by; every other swept setting becomes a `variant`.
 ROW_KEYS = ("pe", "model.hidden_size")
@@ -86,10 +86,10 @@ def summarise(jobs: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any
         hidden = int(job["model"]["hidden_size"])
         variant = cells[job["path"]].label(other)
         params[job["pe"], hidden] = int(job["n_parameters"])
-        members[Cell.of({**job["overrides"], "pe": job["pe"],
-                         "model.hidden_size": str(hidden)})].append(
-            (job.get("seed"), job["path"]))
         for row in job["results"]:
+            # A repeated seed matters only within one setting (SCROLLS runs a set per job).
+            members[Cell.of({**job["overrides"], "pe": job["pe"], "model.hidden_size": str(hidden),
+                             "setting": row["setting"]})].append((job.get("seed"), job["path"]))
             if metric not in row:
                 raise DataError(f"{job['path']} has no metric {metric!r}; choose one of "
                                 f"{sorted(k for k in row if isinstance(row[k], float))}")
@@ -162,7 +162,7 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
                   ) -> dict[str, Path]:
     """summary.csv, summary.md, accuracy_vs_hidden.png in `out` (each written atomically; for a
     metric other than the task's headline one the names end in `_<metric>`)."""
-    from bipe.evaluation.plots import plot_accuracy_vs_hidden
+    from evaluation.plots import plot_accuracy_vs_hidden
 
     suffix = "" if metric == MAIN_METRIC[task] else f"_{metric}"
     names = {"csv": f"summary{suffix}.csv", "md": f"summary{suffix}.md",
@@ -194,7 +194,7 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
 def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_dir: Path,
                  task: str, metric: str, project: str = "bipe", mode: str | None = None) -> None:
     """A `summary` run in the sweep's W&B group: the table, one line plot per setting, the PNG."""
-    from bipe.training.wandb_logger import resolve_mode, sweep_group
+    from training.wandb_logger import resolve_mode, sweep_group
 
     mode = mode or resolve_mode(None)  # an explicit --wandb-mode beats WANDB_MODE
     if mode == "disabled":
@@ -222,7 +222,7 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bipe.evaluation.task_summary",
+    parser = argparse.ArgumentParser(prog="python -m evaluation.task_summary",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder (multirun/<day>/<time>)")
     parser.add_argument("--metric", default=None,

@@ -26,14 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from bipe.attention import AttentionOptions, LMInfinite
 from bipe.errors import CheckpointError, ConfigError
-from bipe.evaluation.generation_quality import generation_quality
-from bipe.evaluation.memory import track_peak_memory
-from bipe.evaluation.passkey import passkey_accuracy
-from bipe.evaluation.perplexity import perplexity_at_length
-from bipe.evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
-from bipe.evaluation.stats import Spread
-from bipe.evaluation.sweeps import Cell, read_overrides, varying_keys
-from bipe.training.finetune import relative_training_range, with_scaling
+from evaluation.generation_quality import generation_quality
+from evaluation.memory import track_peak_memory
+from evaluation.passkey import passkey_accuracy
+from evaluation.perplexity import perplexity_at_length
+from evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
+from evaluation.stats import Spread
+from evaluation.sweeps import Cell, read_overrides, varying_keys
+from training.finetune import relative_training_range, with_scaling
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
     no scaling of its own is also loaded scaled (label `<name>+yarn4`), so base, scaled-only and
     fine-tuned models compare in one evaluation. `original_max_position: null` is each
     checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
-    from bipe.training.checkpoint import build_model_from_checkpoint
+    from models.checkpoint import build_model_from_checkpoint
 
     scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
         if cfg.eval.get("rope_scaling") else None
@@ -447,7 +447,7 @@ def _atomic_text(path: Path, text: str) -> Path:
 def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows: list[dict],
                  gen_rows: list[dict], files: dict[str, Path]) -> None:
     """The tables and figures as one W&B run (job_type eval); mode as for training."""
-    from bipe.training.wandb_logger import resolve_mode
+    from training.wandb_logger import resolve_mode
 
     mode = resolve_mode(cfg.logger.mode)
     if mode == "disabled":

@@ -43,7 +43,7 @@ Only state tokens are targets. Length extrapolation: training draws K uniformly 
 `segments = [min, M]`; test splits use K = M, 2M, 4M with the same segment-length range, so only
 the number of segments grows.
 
-Command line: `python -m data.synthetic.bi_nfa --count K --seed S` prints one JSON line
+Command line: `python -m tasks.synthetic.bi_nfa --count K --seed S` prints one JSON line
 `{"automaton": ...}` and then K lines, one sequence each, with its words, inner sets and state
 labels (sizes as options; defaults are the task defaults).
 """
@@ -323,7 +323,7 @@ DEFAULTS: dict[str, Any] = {
 
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m data.synthetic.bi_nfa",
+        prog="python -m tasks.synthetic.bi_nfa",
         description="Print a random Bi-NFA and labelled sequences as JSON lines.",
     )
     parser.add_argument("--count", type=int, default=10, help="number of sequences")

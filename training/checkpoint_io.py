@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from bipe.training.checkpoint import load_checkpoint, save_atomic
+from models.checkpoint import load_checkpoint, save_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,8 +1,8 @@
 """Synthetic reasoning tasks: chain-of-thought arithmetic mod 11 and the Bi-NFA.
 
-`data.synthetic.arithmetic` and `data.synthetic.bi_nfa` are the generators (each with a command
-line); `data.synthetic.datamodule.SyntheticDataModule` serves them to training like
-`data.LMDataModule`; `data.synthetic.metrics` scores a model on them. Importing this package does
+`tasks.synthetic.arithmetic` and `tasks.synthetic.bi_nfa` are the generators (each with a command
+line); `tasks.synthetic.datamodule.SyntheticDataModule` serves them to training like
+`data.LMDataModule`; `tasks.synthetic.metrics` scores a model on them. Importing this package does
 not import Lightning until `SyntheticDataModule` is first used.
 """
 
@@ -22,4 +22,4 @@ def __getattr__(name: str) -> Any:
         from .datamodule import SyntheticDataModule
 
         return SyntheticDataModule
-    raise AttributeError(f"module 'data.synthetic' has no attribute {name!r}")
+    raise AttributeError(f"module 'tasks.synthetic' has no attribute {name!r}")

@@ -30,7 +30,12 @@ import numpy as np
 from bench.report import SectionResult, Table, fmt
 from bench.settings import Profile
 from bench.timing import interleave, median
+from data import LMDataModule
 from data.config import DataConfig
+from data.packing import SplitWriter, ids_dtype, segment_stats
+from data.segment import Segmenter
+from data.sources import make_source
+from data.tokenizer import DocumentEncoder, eod_id_of, train_or_load_cached
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,12 +66,6 @@ def reload_seconds(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_data(profile: Profile) -> SectionResult:
     """Section 5."""
-    from data import LMDataModule
-    from data.packing import SplitWriter, ids_dtype, segment_stats
-    from data.segment import Segmenter
-    from data.sources import make_source
-    from data.tokenizer import DocumentEncoder, eod_id_of, train_or_load_cached
-
     res = SectionResult("data", "5. Data pipeline")
     cfg = DataConfig.from_dict(dict(profile.data_cfg))
     # Warm (or build) the packed cache first: the reload below needs it, and it trains/caches

@@ -16,7 +16,7 @@ from bench.timing import median
 
 
 def _section_fns() -> dict[str, Callable[[Profile], SectionResult]]:
-    # Imported lazily: a section's modules load only when some section is run.
+    # lazy: a section's modules load only when some section is run.
     from bench.data_pipeline import run_data
     from bench.decoding import run_decoding
     from bench.long_context import run_long_context

@@ -7,14 +7,14 @@ relative: `none` | `rope` | `alibi`, over the `token` or `inter` index, acting i
 
 RoPE, ALiBi, BiPE-RoPE and BiPE-ALiBi are four named configurations of this one class (NoPE and
 the absolute-only baselines come for free). A new scheme is a new entry in `ABSOLUTE_PARTS` or
-`RELATIVE_PARTS`; the model only talks to `PositionalEncoding`.
+`RELATIVE_PARTS` (and its name in `bipe.config`); the model only talks to `PositionalEncoding`.
+The configuration (`PEConfig`) lives in `bipe.config`, without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,114 +22,16 @@ from torch import Tensor, nn
 from bipe.absolute import LearnedAbsolute, SinusoidalAbsolute
 from bipe.alibi import ALiBi
 from bipe.attention import AttentionContext, AttentionOptions
-from bipe.errors import ConfigError
+from bipe.config import NAMED_ENCODINGS, AbsoluteConfig, PEConfig, RelativeConfig
 from bipe.positions import bilevel_ids
-from bipe.rope import Rotary, validate_scaling
+from bipe.rope import Rotary
+
+__all__ = ["ABSOLUTE_PARTS", "NAMED_ENCODINGS", "RELATIVE_PARTS", "AbsoluteConfig", "PEConfig",
+           "PositionalEncoding", "Positions", "RelativeConfig"]
 
 ABSOLUTE_PARTS: dict[str, type[nn.Module]] = {"learned": LearnedAbsolute,
                                               "sinusoidal": SinusoidalAbsolute}
 RELATIVE_PARTS: dict[str, type[nn.Module]] = {"rope": Rotary, "alibi": ALiBi}
-ABSOLUTE_INDICES = ("token", "intra")
-RELATIVE_INDICES = ("token", "inter")
-
-
-@dataclass
-class AbsoluteConfig:
-    type: str = "none"
-    index: str = "token"
-    max_positions: int | None = None  # rows of a learned table
-
-
-@dataclass
-class RelativeConfig:
-    type: str = "none"
-    index: str = "token"
-    base: float = 10000.0  # rope
-    scaling: dict[str, Any] | None = None  # rope: linear | ntk | dynamic | yarn
-    slope_multiplier: float = 1.0  # alibi (96 for BiPE-ALiBi in the released code)
-
-
-def _from_mapping(cls: type, data: Any, key: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key} must be a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{key}.{u}' for u in unknown)}; "
-                          f"valid keys: {sorted(names)}")
-    return cls(**data)
-
-
-@dataclass
-class PEConfig:
-    """A positional encoding: `PEConfig.named("bipe_rope", max_positions=256)` or from a dict."""
-
-    name: str = "custom"
-    absolute: AbsoluteConfig = field(default_factory=AbsoluteConfig)
-    relative: RelativeConfig = field(default_factory=RelativeConfig)
-
-    def __post_init__(self) -> None:
-        self.absolute = _from_mapping(AbsoluteConfig, self.absolute, "pe.absolute")
-        self.relative = _from_mapping(RelativeConfig, self.relative, "pe.relative")
-        a, r = self.absolute, self.relative
-        valid_abs, valid_rel = ["none", *ABSOLUTE_PARTS], ["none", *RELATIVE_PARTS]
-        if a.type not in valid_abs:
-            raise ConfigError(f"pe.absolute.type={a.type!r} is unknown; choose one of {valid_abs}")
-        if r.type not in valid_rel:
-            raise ConfigError(f"pe.relative.type={r.type!r} is unknown; choose one of {valid_rel}")
-        if a.index not in ABSOLUTE_INDICES:
-            raise ConfigError(f"pe.absolute.index={a.index!r} is unknown; choose one of "
-                              f"{list(ABSOLUTE_INDICES)}")
-        if r.index not in RELATIVE_INDICES:
-            raise ConfigError(f"pe.relative.index={r.index!r} is unknown; choose one of "
-                              f"{list(RELATIVE_INDICES)}")
-        if a.type == "learned" and (a.max_positions is None or a.max_positions < 1):
-            raise ConfigError(f"pe.absolute.max_positions={a.max_positions} must be a positive "
-                              "number of table rows for a learned table (usually data.block_size)")
-        if r.type == "rope":
-            validate_scaling(r.scaling)
-        elif r.scaling is not None:
-            raise ConfigError(f"pe.relative.scaling applies to rope only, not {r.type!r}; "
-                              "set pe.relative.scaling=null")
-
-    @property
-    def uses_bilevel(self) -> bool:
-        """True when any part reads intra or inter positions (needs segment boundaries)."""
-        return ((self.absolute.type != "none" and self.absolute.index == "intra")
-                or (self.relative.type != "none" and self.relative.index == "inter"))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PEConfig:
-        return _from_mapping(cls, dict(data), "pe")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def named(cls, name: str, max_positions: int | None = None, **relative: Any) -> PEConfig:
-        """One of `NAMED_ENCODINGS`; `max_positions` sizes a learned table."""
-        if name not in NAMED_ENCODINGS:
-            raise ConfigError(f"pe={name!r} is unknown; choose one of {sorted(NAMED_ENCODINGS)}")
-        spec = NAMED_ENCODINGS[name]
-        absolute = dict(spec.get("absolute", {}))
-        if absolute.get("type") == "learned":
-            absolute["max_positions"] = max_positions
-        return cls(name=name, absolute=absolute, relative={**spec.get("relative", {}), **relative})
-
-
-NAMED_ENCODINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "nope": {},
-    "sinusoidal": {"absolute": {"type": "sinusoidal", "index": "token"}},
-    "learned": {"absolute": {"type": "learned", "index": "token"}},
-    "rope": {"relative": {"type": "rope", "index": "token"}},
-    "alibi": {"relative": {"type": "alibi", "index": "token"}},
-    "bipe_rope": {"absolute": {"type": "learned", "index": "intra"},
-                  "relative": {"type": "rope", "index": "inter"}},
-    "bipe_alibi": {"absolute": {"type": "learned", "index": "intra"},
-                   "relative": {"type": "alibi", "index": "inter", "slope_multiplier": 96.0}},
-}
 
 
 class Positions(NamedTuple):

@@ -15,3 +15,9 @@ class DataError(BipeError):
 
 class CheckpointError(BipeError):
     """A checkpoint is missing, truncated or not one of ours. The message names the path."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if empty): how an
+    error reaches the user."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bipe.config import normalize_scaling
 from bipe.errors import ConfigError
 
 
@@ -33,9 +34,15 @@ def _ntk(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
 
 
 def _dynamic(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):
-    """Dynamic NTK: the NTK factor is `max(1, current_length / original_max_position)`."""
-    factor = 1.0 if seq_len is None else max(1.0, seq_len / s["original_max_position"])
-    return _base_inv_freq(head_dim, base * factor ** (head_dim / (head_dim - 2))), 1.0
+    """Dynamic NTK, as Hugging Face's `dynamic`: past `original_max_position` (L) the base
+    becomes `b * (factor * seq_len / L - (factor - 1)) ^ (D / (D - 2))` for the current length;
+    with `factor` 1 (the default) the NTK factor is simply `seq_len / L`."""
+    original = s["original_max_position"]
+    if seq_len is None or seq_len <= original:
+        return _base_inv_freq(head_dim, base), 1.0
+    factor = s.get("factor") or 1.0
+    ntk = factor * seq_len / original - (factor - 1)
+    return _base_inv_freq(head_dim, base * ntk ** (head_dim / (head_dim - 2))), 1.0
 
 
 def _yarn_correction_dim(rotations: float, head_dim: int, base: float, length: int) -> float:
@@ -65,36 +72,9 @@ def _yarn(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None)
     return inv_freq, float(scale)
 
 
-# type -> (function, required keys, optional keys). One entry per scaling scheme.
-ROPE_SCALING: dict[str, tuple[Callable, set[str], set[str]]] = {
-    "linear": (_linear, {"factor"}, {"original_max_position"}),
-    "ntk": (_ntk, {"factor"}, {"original_max_position"}),
-    "dynamic": (_dynamic, {"original_max_position"}, {"factor"}),
-    "yarn": (_yarn, {"factor", "original_max_position"},
-             {"beta_fast", "beta_slow", "attention_factor"}),
-}
-
-
-def validate_scaling(scaling: Mapping[str, Any] | None, key: str = "pe.relative.scaling") -> None:
-    """Raise ConfigError naming the key for an unknown type, a missing or an unknown field."""
-    if scaling is None:
-        return
-    kind = scaling.get("type")
-    if kind not in ROPE_SCALING:
-        raise ConfigError(f"{key}.type={kind!r} is not a RoPE scaling type; "
-                          f"choose one of {sorted(ROPE_SCALING)} or set {key}=null")
-    _, required, optional = ROPE_SCALING[kind]
-    missing = sorted(k for k in required if scaling.get(k) is None)
-    if missing:
-        needed = ", ".join(f"{key}.{m}" for m in missing)
-        raise ConfigError(f"{key} of type {kind!r} needs {needed}")
-    unknown = sorted(set(scaling) - required - optional - {"type"})
-    if unknown:
-        raise ConfigError(f"{key} of type {kind!r} has unknown key(s) {unknown}; "
-                          f"allowed: {sorted(required | optional)}")
-    factor = scaling.get("factor")
-    if factor is not None and factor < 1:
-        raise ConfigError(f"{key}.factor={factor} must be >= 1")
+# One function per scaling type (the keys each takes: `bipe.config.SCALING_KEYS`).
+SCALING_FUNCTIONS: dict[str, Callable] = {"linear": _linear, "ntk": _ntk, "dynamic": _dynamic,
+                                          "yarn": _yarn}
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0,
@@ -108,13 +88,12 @@ def rope_frequencies(head_dim: int, base: float = 10000.0,
     if head_dim % 2:
         raise ConfigError(f"rotary head size {head_dim} is odd; choose model.hidden_size / "
                           "model.n_heads even")
+    scaling = normalize_scaling(scaling)
     if scaling is None:
         return _base_inv_freq(head_dim, base).float(), 1.0
-    validate_scaling(scaling)
     if scaling.get("factor", None) == 1 and scaling["type"] != "dynamic":
         return _base_inv_freq(head_dim, base).float(), 1.0  # exactly unscaled
-    fn = ROPE_SCALING[scaling["type"]][0]
-    inv_freq, scale = fn(head_dim, base, scaling, seq_len)
+    inv_freq, scale = SCALING_FUNCTIONS[scaling["type"]](head_dim, base, scaling, seq_len)
     return inv_freq.float(), scale
 
 
@@ -137,14 +116,14 @@ class Rotary(nn.Module):
                  scaling: Mapping[str, Any] | None = None, **_: Any):
         super().__init__()
         self.head_dim, self.base = head_dim, base
-        self.scaling = dict(scaling) if scaling is not None else None
+        self.scaling = normalize_scaling(scaling)
         inv_freq, scale = rope_frequencies(head_dim, base, self.scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_scale = scale
 
     def set_scaling(self, scaling: Mapping[str, Any] | None) -> None:
         """Change the scaling in place (evaluation-time or fine-tuning-time context extension)."""
-        self.scaling = dict(scaling) if scaling is not None else None
+        self.scaling = normalize_scaling(scaling)
         inv_freq, self.attention_scale = rope_frequencies(self.head_dim, self.base, self.scaling)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 

@@ -1,9 +1,10 @@
 """Typed, validated view of the Hydra `data` config group.
 
-Every check raises a one-line `ConfigError` that names the offending `data.*` key and says what
-would be valid, so `train.py` can print it and exit with status 2 before any work is done.
-Keys this module does not know are logged (not fatal): the training code may carry extra keys
-under `data`, but a typo such as `data.globb` should still be visible in the log.
+`DataConfig` is the schema of the `data` config group (a Hydra structured config: an unknown or
+mistyped key fails when the config is composed) and the object the pipeline reads. Its checks
+run when it is built (`__post_init__`); each raises a one-line `ConfigError` that names the
+offending `data.*` key and says what would be valid, so `train.py` can print it and exit with
+status 2 before any work is done.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from bipe.config import build
 from bipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,12 @@ SPLIT_ALIASES: dict[str, str] = {"val": "validation", "valid": "validation", "de
 MIN_VOCAB_SIZE = 257
 
 
+CACHE_ENV = "BIPE_CACHE"  # the one variable that moves every cache (conf/paths reads it too)
+
+
 def default_cache_dir() -> str:
-    """`$BIPE_CACHE_DIR` or `~/.cache/bipe`: where caches go when the config names none."""
-    return os.environ.get("BIPE_CACHE_DIR") or os.path.join("~", ".cache", "bipe")
+    """`$BIPE_CACHE` or `~/.cache/bipe`: where caches go when the config names none."""
+    return os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "bipe")
 
 
 def canonical_split(split: str) -> str:
@@ -41,7 +46,7 @@ def canonical_split(split: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass
 class TokenizerConfig:
     """`data.tokenizer`: train a byte-level BPE of `vocab_size`, or load `path` (tokenizer.json)."""
 
@@ -50,7 +55,7 @@ class TokenizerConfig:
     eod_token: str = "<|endoftext|>"
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataConfig:
     """The resolved `data` config; see conf/data/*.yaml for what each key means."""
 
@@ -64,13 +69,13 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # segmenter options
     newline_boundaries: bool = True  # punkt: every newline also ends a segment
-    separators: tuple[str, ...] = ("\n", " .")  # separators: strings whose tokens are boundaries
+    separators: list[str] = field(default_factory=lambda: ["\n", " ."])  # tokens that end segments
     separator_match: str = "exact"  # exact: token == separator; contains: separator in token
-    separator_ids: tuple[int, ...] | None = None  # explicit ids (e.g. LLaMA 13, 869); wins
+    separator_ids: list[int] | None = None  # explicit ids (e.g. LLaMA 13, 869); wins
     segment_length: int = 64  # fixed: a boundary every `segment_length` tokens
     # splits
-    validation_plays: tuple[str, ...] = ()  # shakespeare: held-out plays (file stems)
-    test_plays: tuple[str, ...] = ()
+    validation_plays: list[str] = field(default_factory=list)  # shakespeare: held-out play stems
+    test_plays: list[str] = field(default_factory=list)
     validation_fraction: float = 0.02  # python_code / text_files: hash split fractions
     test_fraction: float = 0.02
     # text_files
@@ -85,7 +90,7 @@ class DataConfig:
     hf_path: str | None = None
     hf_name: str | None = None
     hf_revision: str | None = None
-    hf_splits: Mapping[str, str] = field(
+    hf_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
     subset: str | None = None  # pile: keep documents whose meta.pile_set_name equals this
@@ -93,47 +98,28 @@ class DataConfig:
     max_eval_documents: int | None = 500
     max_train_chars: int | None = 200_000_000
     max_eval_chars: int | None = 20_000_000
-    hf_data_files: Mapping[str, Any] | None = None  # per split, for local builders (json, text)
+    hf_data_files: Any = None  # {split: file(s)} for local builders (json, text); a mapping
     streaming: bool = False  # pg19/pile: stream the whole train split (caps: tokenizer/eval only)
     shuffle_buffer: int = 10_000  # streaming: documents in the seeded shuffle buffer
+
+    def __post_init__(self) -> None:
+        self.tokenizer = build(TokenizerConfig, self.tokenizer or {}, "data.tokenizer")
+        if self.cache_dir is None:
+            self.cache_dir = default_cache_dir()
+        if self.hf_splits is None:
+            self.hf_splits = {s: s for s in SPLITS}
+        for key in ("separators", "validation_plays", "test_plays"):
+            value = getattr(self, key)
+            setattr(self, key, [] if value is None else [value] if isinstance(value, str)
+                    else list(value))
+        if self.separator_ids is not None:
+            self.separator_ids = [int(i) for i in self.separator_ids]
+        self.validate()
 
     @classmethod
     def from_dict(cls, cfg: Any) -> DataConfig:
         """Build from a plain mapping or an OmegaConf DictConfig; ConfigError names bad keys."""
-        raw = _to_plain_dict(cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            log.warning(
-                "ignoring unknown data config keys: %s", ", ".join(f"data.{k}" for k in unknown)
-            )
-        values = {k: v for k, v in raw.items() if k in known}
-        tok = values.get("tokenizer") or {}
-        if not isinstance(tok, Mapping):
-            raise ConfigError(f"data.tokenizer must be a mapping with vocab_size/path, got {tok!r}")
-        tok_known = {f.name for f in fields(TokenizerConfig)}
-        tok_unknown = sorted(set(tok) - tok_known)
-        if tok_unknown:
-            log.warning(
-                "ignoring unknown data config keys: %s",
-                ", ".join(f"data.tokenizer.{k}" for k in tok_unknown),
-            )
-        values["tokenizer"] = TokenizerConfig(**{k: tok[k] for k in tok if k in tok_known})
-        if values.get("separator_ids") is not None:
-            values["separator_ids"] = tuple(int(i) for i in values["separator_ids"])
-        for key in ("separators", "validation_plays", "test_plays"):
-            if key in values and values[key] is not None:
-                v = values[key]
-                values[key] = (v,) if isinstance(v, str) else tuple(v)
-            elif key in values:
-                values[key] = ()
-        if values.get("cache_dir") is None:
-            values["cache_dir"] = default_cache_dir()
-        if values.get("hf_splits") is None:
-            values.pop("hf_splits", None)
-        out = cls(**values)
-        out.validate()
-        return out
+        return build(cls, _to_plain_dict(cfg), "data")
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -205,6 +191,9 @@ class DataConfig:
             raise ConfigError(f"data.streaming=true reads a Hugging Face dataset; data={self.name} "
                               "is read whole (use data=pg19 or data=pile)")
         _check_int("data.shuffle_buffer", self.shuffle_buffer, 1)
+        if self.hf_data_files is not None and not isinstance(self.hf_data_files, Mapping):
+            raise ConfigError(f"data.hf_data_files={self.hf_data_files!r} must map split names "
+                              "to file(s), or be null")
 
     @property
     def cache_root(self) -> str:

@@ -50,6 +50,7 @@ from tokenizers import Tokenizer
 from bipe.errors import ConfigError
 
 from .config import DataConfig
+from .punkt_data import load_punkt
 
 SEGMENTER_VERSION = 1  # bump when boundary rules change: part of the packed cache key
 _NEWLINE_RUN = re.compile(r"[^\S\n]*\n\s*")
@@ -124,8 +125,6 @@ class Segmenter:
         self._punkt: Any = None
         self.separator_ids = np.zeros(0, dtype=np.int64)
         if self.kind == "punkt":
-            from .punkt_data import load_punkt
-
             self._punkt = load_punkt(cfg.cache_root)
         elif self.kind == "separators":
             self.separator_ids = configured_separator_ids(tok, cfg)

@@ -34,8 +34,8 @@ from torch.utils.data import get_worker_info
 
 from bipe.errors import ConfigError
 
+from .batches import BatchStream
 from .config import DataConfig
-from .datamodule import BatchStream
 from .segment import Segmenter
 from .sources import FileReader, HubSource
 from .tokenizer import DocumentEncoder

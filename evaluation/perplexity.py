@@ -1,4 +1,7 @@
-"""Perplexity against sequence length (PAPERS.md section 1, protocol of the BiPE paper).
+"""Perplexity against sequence length (PAPERS.md section 1, protocol of the BiPE paper): the one
+computation (`perplexity_at_length`, `perplexity_rows`) and the one table (`format_ppl_table`,
+with mean and 95% interval over the seeds of a group), for the end of a training run and for
+`eval.py` alike.
 
 `blocks`: the token stream is cut into non-overlapping blocks of `length` inputs; every token is
 scored exactly once (the last, shorter block too), positions restart at every block, and the
@@ -10,13 +13,20 @@ once, now with up to `length - stride` tokens of context.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bipe.errors import BipeError, first_line
+from evaluation.memory import track_peak_memory
+from evaluation.stats import Spread
 
 
 @dataclass
@@ -46,7 +56,7 @@ class LengthResult:
                 "windows": self.windows, "seconds": self.seconds, "peak_mib": self.peak_mib}
 
 
-def _windows(n: int, length: int, protocol: str, stride: int | None
+def scoring_windows(n: int, length: int, protocol: str, stride: int | None
              ) -> Iterator[tuple[int, int, int]]:
     """Yield `(start, end, first_scored)`: inputs `[start, end)`, targets `start+1 .. end`, of
     which those at input offsets `>= first_scored` are scored. `n` = tokens in the stream."""
@@ -108,7 +118,7 @@ def perplexity_at_length(model: nn.Module, ids: np.ndarray, boundary: np.ndarray
                 count[: scored.numel()] += 1
         windows += len(group)
 
-    for window in _windows(n, length, protocol, stride):
+    for window in scoring_windows(n, length, protocol, stride):
         # Only windows of one size share a batch (the last block is shorter).
         if pending and (window[1] - window[0] != pending[0][1] - pending[0][0]
                         or len(pending) == batch_size):
@@ -120,3 +130,106 @@ def perplexity_at_length(model: nn.Module, ids: np.ndarray, boundary: np.ndarray
     return LengthResult(length=length, tokens=tokens, nll_sum=nll_sum, windows=windows,
                         nll_by_position=by_pos if protocol == "blocks" else None,
                         count_by_position=count if protocol == "blocks" else None)
+
+
+def perplexity_rows(model: nn.Module, ids: np.ndarray, boundary: np.ndarray | None,
+                    lengths: list[int], *, base: dict[str, Any], protocol: str = "blocks",
+                    stride: int | None = None, batch_size: int | None = None,
+                    batch_tokens: int = 16384, device: torch.device | str = "cpu",
+                    autocast_dtype: torch.dtype | None = None, track_memory: bool = False,
+                    train_length: int | None = None, max_blocks: int | None = None
+                    ) -> tuple[list[dict], LengthResult | None]:
+    """One row per length: `base` plus the `LengthResult` (tokens, nll, ppl, windows, seconds,
+    peak_mib) and `multiple` of `train_length`; `max_blocks` caps the blocks scored per length.
+    A length the model cannot run (a learned token table past its rows) gets `ppl: None` and the
+    reason in `note`, not an exception. Also returns the result at the longest length (for its
+    NLL by position)."""
+    rows, longest = [], None
+    was_training = model.training
+    model.eval()
+    try:
+        for length in lengths:
+            row: dict[str, Any] = {**base, "length": length, "train_length": train_length,
+                                   "multiple": length / train_length if train_length else None}
+            rows.append(row)
+            batch = batch_size or max(1, batch_tokens // length)
+            t0 = time.perf_counter()
+            try:
+                end = len(ids) if max_blocks is None else min(len(ids), max_blocks * length + 1)
+                with track_peak_memory(device) if track_memory else nullcontext() as mem:
+                    res = perplexity_at_length(model, ids[:end],
+                                               None if boundary is None else boundary[:end],
+                                               length, protocol=protocol,
+                                               stride=stride, batch_size=batch, device=device,
+                                               autocast_dtype=autocast_dtype)
+            except BipeError as exc:  # e.g. a learned token table cannot extrapolate
+                row.update(ppl=None, note=first_line(exc))
+                continue
+            res.seconds = time.perf_counter() - t0
+            res.peak_mib = mem.peak_mib if mem is not None else 0.0
+            row.update(res.to_dict())
+            if length == max(lengths):
+                longest = res
+    finally:
+        model.train(was_training)
+    return rows, longest
+
+
+def summarize_ppl(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, group, length): perplexity over the group's seeds (mean, std,
+    95% interval half-width, min, max, seeds). A group of one checkpoint has no interval."""
+    cells: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r.get("group", r["model"]), r["length"]), []).append(r)
+    out = []
+    for (dataset, group, length), members in cells.items():
+        first = members[0]
+        row = {"dataset": dataset, "group": group, "length": length,
+               "multiple": first.get("multiple"), "train_length": first.get("train_length"),
+               "lm_infinite": first.get("lm_infinite", False), "pe": first.get("pe"),
+               "split": first.get("split"),
+               "seeds_list": sorted(str(m.get("seed")) for m in members)}
+        values = [m["ppl"] for m in members if m.get("ppl") is not None]
+        if values:  # lengths a model cannot run (a learned token table) have no perplexity
+            spread = Spread.of(values)
+            row.update(**spread.to_dict("ppl_"), seeds=spread.n)
+        else:
+            row.update(ppl_mean=None, seeds=0, note=first.get("note", ""))
+        out.append(row)
+    return out
+
+
+def format_ppl_table(rows: list[dict]) -> str:
+    """Groups x lengths, one block per dataset: the table printed at the end of `eval.py`.
+    A group of several seeds shows `mean ± half-width of the 95% interval` and their number."""
+    lines = []
+    summary = summarize_ppl(rows)
+    for dataset in dict.fromkeys(r["dataset"] for r in summary):
+        sub = [r for r in summary if r["dataset"] == dataset]
+        lengths = sorted({r["length"] for r in sub})
+        groups = list(dict.fromkeys(r["group"] for r in sub))
+        seeds = {g: max(r["seeds"] for r in sub if r["group"] == g) for g in groups}
+        several = max(seeds.values()) > 1
+        cell_w = 18 if several else 10
+        width = max(12, *(len(g) + 2 for g in groups))
+        split = sub[0].get("split") or "test"
+        note = "; mean ± 95% interval over seeds" if several else ""
+        lines.append(f"perplexity on {dataset} (split {split}{note})")
+        lines.append("model".ljust(width) + (f"{'seeds':>6}" if several else "")
+                     + "".join(f"{n:>{cell_w}}" for n in lengths))
+        for g in groups:
+            cells = {r["length"]: r for r in sub if r["group"] == g}
+            text = []
+            for n in lengths:
+                r = cells.get(n)
+                if r is None or r["ppl_mean"] is None:
+                    text.append(f"{'-' if r is None else 'n/a':>{cell_w}}")
+                    continue
+                spread = Spread(r["ppl_mean"], r["ppl_std"], r["ppl_ci95"], r["ppl_n"],
+                                r["ppl_min"], r["ppl_max"])
+                text.append(f"{spread.format(digits=2).replace(' +- ', ' ± '):>{cell_w}}")
+            lines.append(g.ljust(width) + (f"{seeds[g]:>6}" if several else "") + "".join(text))
+        notes = sorted({r["note"] for r in sub if r.get("note")})
+        lines += [f"  n/a: {note}" for note in notes]
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import io
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bipe.attention import AttentionOptions, LMInfinite
-from bipe.errors import CheckpointError, ConfigError
+from bipe.errors import BipeError, ConfigError, first_line
+from bipe.io import atomic_write_json, atomic_write_text
+from data import LMDataModule
+from evaluation.config import validate_eval_config
 from evaluation.generation_quality import generation_quality
-from evaluation.memory import track_peak_memory
 from evaluation.passkey import passkey_accuracy
-from evaluation.perplexity import perplexity_at_length
+from evaluation.perplexity import format_ppl_table, perplexity_rows, summarize_ppl
 from evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
 from evaluation.stats import Spread
 from evaluation.sweeps import Cell, read_overrides, varying_keys
-from training.finetune import relative_training_range, with_scaling
+from evaluation.wandb_runs import resolve_mode, sweep_group
+from models.checkpoint import (
+    build_model_from_checkpoint,
+    relative_training_range,
+    resolve_checkpoint_path,
+    with_scaling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +76,25 @@ class LoadedModel:
 
 
 def find_checkpoints(cfg: DictConfig) -> list[Path]:
-    """`ckpt`, `ckpts` and every run's `checkpoints/last.ckpt` under `sweep_dir`."""
-    paths = [Path(p) for p in ([cfg.ckpt] if cfg.ckpt else []) + list(cfg.ckpts or [])]
+    """`ckpt_path` (or `ckpt`), `ckpts`, and every run folder's checkpoint under `sweep_dir`
+    (its newest of last.ckpt and interrupted.ckpt)."""
+    one = cfg.get("ckpt_path") or cfg.get("ckpt")
+    key = "ckpt_path" if cfg.get("ckpt_path") else "ckpt"
+    named = [(key, p) for p in ([one] if one else [])] + [("ckpts", p) for p in cfg.ckpts or []]
+    out = [resolve_checkpoint_path(p, key=k) for k, p in named]
     if cfg.sweep_dir:
         sweep = Path(cfg.sweep_dir)
         if not sweep.is_dir():
             raise ConfigError(f"sweep_dir={sweep} is not a folder")
-        found = sorted(sweep.glob("**/checkpoints/last.ckpt"))
-        if not found:
+        runs = sorted({p.parent.parent for pattern in ("last.ckpt", "interrupted.ckpt")
+                       for p in sweep.glob(f"**/checkpoints/{pattern}")})
+        if not runs:
             raise ConfigError(f"sweep_dir={sweep} holds no */checkpoints/last.ckpt; train first "
-                              "or pass ckpt=PATH")
-        paths += found
-    if not paths:
-        raise ConfigError("nothing to evaluate: pass ckpt=PATH, ckpts=[A,B] or sweep_dir=DIR")
-    out = []
-    for p in paths:
-        if p.is_dir():
-            p = p / "checkpoints" / "last.ckpt"
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {p} does not exist")
-        out.append(p)
+                              "or pass ckpt_path=PATH")
+        out += [resolve_checkpoint_path(run, key="sweep_dir") for run in runs]
+    if not out:
+        raise ConfigError("nothing to evaluate: pass ckpt_path=PATH, ckpts=[A,B] or "
+                          "sweep_dir=DIR")
     return out
 
 
@@ -138,8 +144,6 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
     no scaling of its own is also loaded scaled (label `<name>+yarn4`), so base, scaled-only and
     fine-tuned models compare in one evaluation. `original_max_position: null` is each
     checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
-    from models.checkpoint import build_model_from_checkpoint
-
     scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
         if cfg.eval.get("rope_scaling") else None
     paths = find_checkpoints(cfg)
@@ -206,8 +210,6 @@ def load_stream(lm: LoadedModel, name: str, split: str, max_tokens: int | None,
     """`(ids, boundary, separator_ids)` of a dataset's split, the first `max_tokens + 1` tokens."""
     key = f"{name}:{split}"
     if key not in lm.streams:
-        from data import LMDataModule
-
         dm = LMDataModule(_data_config(name, lm, cache_dir), seed=0)
         dm.setup("test")
         ids, boundary = dm.split_arrays(split)
@@ -263,6 +265,8 @@ def attention_variants(cfg: DictConfig, lm: LoadedModel) -> Iterator[tuple[str, 
 
 def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.device,
                    cache_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Perplexity rows of every model, dataset, attention variant and length (the seeds of a
+    group summed into one NLL-by-position curve at the longest length)."""
     e = cfg.eval
     autocast = torch.bfloat16 if str(e.precision) in ("bf16", "bf16-mixed") else None
     rows, by_position = [], {}
@@ -272,48 +276,26 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
             ids, boundary, _ = load_stream(lm, dataset, e.split, e.max_tokens, cache_dir)
             for suffix, use_lmi in attention_variants(cfg, lm):
                 tag = lm.label + suffix
-                for length in lengths:
-                    batch = max(1, int(e.batch_tokens) // length)
-                    t0 = time.perf_counter()
-                    with track_peak_memory(device) as mem:
-                        res = perplexity_at_length(lm.model, ids, boundary, length,
-                                                   protocol=e.protocol, stride=e.stride,
-                                                   batch_size=batch, device=device,
-                                                   autocast_dtype=autocast)
-                    res.seconds, res.peak_mib = time.perf_counter() - t0, mem.peak_mib
-                    rows.append({"model": tag, "group": lm.group + suffix, "seed": lm.seed,
-                                 "pe": lm.pe_name, "checkpoint": str(lm.path),
-                                 "dataset": dataset, "lm_infinite": use_lmi,
-                                 "train_length": lm.train_length,
-                                 "multiple": length / lm.train_length, **res.to_dict()})
-                    log.info("%-18s %-12s len %6d  ppl %9.2f  (%d tokens, %.1fs, %.0f MiB)",
-                             tag, dataset, length, res.ppl, res.tokens, res.seconds,
-                             res.peak_mib)
-                    if e.protocol == "blocks" and length == max(lengths):
-                        # Summed over the seeds of a group: one curve per group.
-                        key = f"{lm.group}{suffix} [{dataset}]"
-                        sums, counts = by_position.get(key, (0.0, 0))
-                        by_position[key] = (sums + res.nll_by_position,
-                                            counts + res.count_by_position)
+                base = {"model": tag, "group": lm.group + suffix, "seed": lm.seed,
+                        "pe": lm.pe_name, "checkpoint": str(lm.path), "dataset": dataset,
+                        "split": e.split, "lm_infinite": use_lmi}
+                new, longest = perplexity_rows(
+                    lm.model, ids, boundary, lengths, base=base, protocol=e.protocol,
+                    stride=e.stride, batch_tokens=int(e.batch_tokens), device=device,
+                    autocast_dtype=autocast, track_memory=True, train_length=lm.train_length)
+                for r in new:
+                    log.info("%-18s %-12s len %6d  ppl %9s  (%s tokens, %.1fs, %.0f MiB)", tag,
+                             dataset, r["length"], "n/a" if r["ppl"] is None else
+                             f"{r['ppl']:.2f}", r.get("tokens", 0), r.get("seconds", 0.0),
+                             r.get("peak_mib", 0.0))
+                rows += new
+                if e.protocol == "blocks" and longest is not None:
+                    # Summed over the seeds of a group: one curve per group.
+                    key = f"{lm.group}{suffix} [{dataset}]"
+                    sums, counts = by_position.get(key, (0.0, 0))
+                    by_position[key] = (sums + longest.nll_by_position,
+                                        counts + longest.count_by_position)
     return rows, {k: s / np.maximum(c, 1) for k, (s, c) in by_position.items()}
-
-
-def summarize_ppl(rows: list[dict]) -> list[dict]:
-    """One row per (dataset, group, length): perplexity over the group's seeds (mean, std,
-    95% interval half-width, min, max, seeds). A group of one checkpoint has no interval."""
-    cells: dict[tuple[str, str, int], list[dict]] = {}
-    for r in rows:
-        cells.setdefault((r["dataset"], r.get("group", r["model"]), r["length"]), []).append(r)
-    out = []
-    for (dataset, group, length), members in cells.items():
-        spread = Spread.of([m["ppl"] for m in members])
-        first = members[0]
-        out.append({"dataset": dataset, "group": group, "length": length,
-                    "multiple": first["multiple"], "train_length": first["train_length"],
-                    "lm_infinite": first["lm_infinite"], "pe": first["pe"],
-                    "seeds_list": sorted(str(m.get("seed")) for m in members),
-                    **spread.to_dict("ppl_"), "seeds": spread.n})
-    return out
 
 
 def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device,
@@ -326,10 +308,15 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
                                  cache_dir)
         for suffix, _ in attention_variants(cfg, lm):
             tag = lm.label + suffix
-            for row in passkey_accuracy(lm.model, lm.tokenizer, lengths, list(p.depths),
-                                        trials=p.trials, seed=cfg.seed, separator_ids=seps,
-                                        device=device):
-                rows.append({"model": tag, **row})
+            for length in lengths:  # a length this model cannot run is a row, not a crash
+                try:
+                    found = passkey_accuracy(lm.model, lm.tokenizer, [length], list(p.depths),
+                                             trials=p.trials, seed=cfg.seed, separator_ids=seps,
+                                             device=device)
+                except (BipeError, ValueError) as exc:
+                    found = [{"length": length, "depth": d, "trials": 0, "accuracy": None,
+                              "note": first_line(exc)} for d in p.depths]
+                rows += [{"model": tag, **row} for row in found]
     return rows
 
 
@@ -345,45 +332,19 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                                               max(cfg.eval.max_tokens or 0, need), cache_dir)
             for suffix, _ in attention_variants(cfg, lm):
                 tag = lm.label + suffix
-                for row in generation_quality(lm.model, lm.tokenizer, ids, boundary, prefixes,
-                                              new_tokens=g.new_tokens, samples=g.samples,
-                                              separator_ids=seps, device=device):
+                found = []
+                for prefix in prefixes:  # a length this model cannot run is a row, not a crash
+                    try:
+                        found += generation_quality(
+                            lm.model, lm.tokenizer, ids, boundary, [prefix],
+                            new_tokens=g.new_tokens, samples=g.samples, separator_ids=seps,
+                            device=device)
+                    except (BipeError, ValueError) as exc:
+                        found.append({"prefix": prefix, "samples": 0, "bleu": None,
+                                      "note": first_line(exc)})
+                for row in found:
                     rows.append({"model": tag, "dataset": dataset, **row})
     return rows
-
-
-def format_ppl_table(rows: list[dict]) -> str:
-    """Groups x lengths, one block per dataset: the table printed at the end of `eval.py`.
-    A group of several seeds shows `mean ± half-width of the 95% interval` and their number."""
-    lines = []
-    summary = summarize_ppl(rows)
-    for dataset in dict.fromkeys(r["dataset"] for r in summary):
-        sub = [r for r in summary if r["dataset"] == dataset]
-        lengths = sorted({r["length"] for r in sub})
-        groups = list(dict.fromkeys(r["group"] for r in sub))
-        seeds = {g: max(r["seeds"] for r in sub if r["group"] == g) for g in groups}
-        several = max(seeds.values()) > 1
-        cell_w = 18 if several else 10
-        width = max(12, *(len(g) + 2 for g in groups))
-        split = next((r for r in rows if r["dataset"] == dataset), {}).get("split", "test")
-        note = "; mean ± 95% interval over seeds" if several else ""
-        lines.append(f"perplexity on {dataset} (split {split}{note})")
-        lines.append("model".ljust(width) + (f"{'seeds':>6}" if several else "")
-                     + "".join(f"{n:>{cell_w}}" for n in lengths))
-        for g in groups:
-            cells = {r["length"]: r for r in sub if r["group"] == g}
-            text = []
-            for n in lengths:
-                r = cells.get(n)
-                if r is None:
-                    text.append(f"{'-':>{cell_w}}")
-                    continue
-                spread = Spread(r["ppl_mean"], r["ppl_std"], r["ppl_ci95"], r["ppl_n"],
-                                r["ppl_min"], r["ppl_max"])
-                text.append(f"{spread.format(digits=2).replace(' +- ', ' ± '):>{cell_w}}")
-            lines.append(g.ljust(width) + (f"{seeds[g]:>6}" if several else "") + "".join(text))
-        lines.append("")
-    return "\n".join(lines).rstrip()
 
 
 def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
@@ -402,22 +363,20 @@ def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
         "perplexity": ppl_rows, "perplexity_summary": summarize_ppl(ppl_rows),
         "passkey": passkey_rows, "generation": gen_rows,
     }
-    files["results"] = _atomic_text(out / "results.json", json.dumps(results, indent=2))
+    files["results"] = atomic_write_json(out / "results.json", results)
     if ppl_rows:
         cols = ["model", "group", "seed", "pe", "dataset", "lm_infinite", "length", "multiple",
                 "train_length", "tokens", "nll", "ppl", "seconds", "peak_mib", "checkpoint"]
-        tmp = out / "ppl_vs_length.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(ppl_rows)
-        os.replace(tmp, out / "ppl_vs_length.csv")
-        files["csv"] = out / "ppl_vs_length.csv"
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(ppl_rows)
+        files["csv"] = atomic_write_text(out / "ppl_vs_length.csv", text.getvalue())
         summary = summarize_ppl(ppl_rows)
         for dataset in dict.fromkeys(r["dataset"] for r in ppl_rows):
             curves: dict[str, list[tuple[int, Spread]]] = {}
             for r in summary:
-                if r["dataset"] == dataset:
+                if r["dataset"] == dataset and r["ppl_mean"] is not None:
                     curves.setdefault(r["group"], []).append((r["length"], Spread(
                         r["ppl_mean"], r["ppl_std"], r["ppl_ci95"], r["ppl_n"], r["ppl_min"],
                         r["ppl_max"])))
@@ -437,26 +396,23 @@ def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
     return files
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows: list[dict],
                  gen_rows: list[dict], files: dict[str, Path]) -> None:
-    """The tables and figures as one W&B run (job_type eval); mode as for training."""
-    from training.wandb_logger import resolve_mode
-
-    mode = resolve_mode(cfg.logger.mode)
+    """The tables and figures as one W&B run (job_type eval; mode as for training), in the
+    sweep's group when a sweep is evaluated; nothing with `logger=none`."""
+    logger = cfg.get("logger") or {}
+    if not logger.get("_target_", "").endswith("wandb_logger"):
+        return  # logger=none or csv: the files in the run folder are the record
+    mode = resolve_mode(logger.get("mode"))
     if mode == "disabled":
         return
-    import wandb
+    import wandb  # lazy: a 1.5-second import, only when a W&B run is made
 
     os.environ.setdefault("WANDB_CACHE_DIR", str(Path(cfg.paths.cache_dir) / "wandb"))
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
-                     job_type="eval", dir=str(out), name=out.name,
+    run = wandb.init(project=logger.get("project", "bipe"), entity=logger.get("entity"),
+                     mode=mode, job_type="eval", dir=str(out), name=out.name,
+                     group=sweep_group(cfg.sweep_dir) if cfg.get("sweep_dir") else None,
+                     tags=list(logger.get("tags") or []),
                      config=OmegaConf.to_container(cfg.eval, resolve=True))
     try:
         for name, rows in (("perplexity", ppl_rows), ("passkey", passkey_rows),
@@ -465,17 +421,58 @@ def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows:
                 cols = list(rows[0])
                 run.log({name: wandb.Table(columns=cols,
                                            data=[[r.get(c) for c in cols] for r in rows])})
-        for dataset in dict.fromkeys(r["dataset"] for r in ppl_rows):
-            models = list(dict.fromkeys(r["model"] for r in ppl_rows if r["dataset"] == dataset))
-            xs = sorted({r["length"] for r in ppl_rows if r["dataset"] == dataset})
-            ys = [[next((r["ppl"] for r in ppl_rows if r["dataset"] == dataset
-                         and r["model"] == m and r["length"] == x), float("nan")) for x in xs]
-                  for m in models]
+        summary = summarize_ppl(ppl_rows)
+        for dataset in dict.fromkeys(r["dataset"] for r in summary):
+            groups = list(dict.fromkeys(r["group"] for r in summary if r["dataset"] == dataset))
+            xs = sorted({r["length"] for r in summary if r["dataset"] == dataset})
+            ys = [[next((r["ppl_mean"] for r in summary if r["dataset"] == dataset
+                         and r["group"] == g and r["length"] == x), None) or float("nan")
+                   for x in xs] for g in groups]
             run.log({f"ppl_vs_length/{dataset}": wandb.plot.line_series(
-                xs=xs, ys=ys, keys=models, title=f"perplexity vs length ({dataset})",
+                xs=xs, ys=ys, keys=groups, title=f"perplexity vs length ({dataset})",
                 xname="length")})
         for name, path in files.items():
             if path.suffix == ".png":
                 run.log({f"figures/{name}": wandb.Image(str(path))})
     finally:
         wandb.finish()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, list[dict]]:
+    """Every enabled evaluation of `eval.py`: the config checked first, then perplexity, passkey
+    and generation; the outputs are written after each stage, so a stage that fails keeps what
+    the earlier ones measured. Returns the rows written to results.json."""
+    validate_eval_config(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    out = Path(cfg.paths.output_dir)
+    models = load_models(cfg, device)
+    rows: dict[str, list[dict]] = {"perplexity": [], "passkey": [], "generation": []}
+    by_position: dict[str, np.ndarray] = {}
+    stages = [("perplexity", lambda: run_perplexity(cfg, models, device, cache_dir))]
+    if cfg.eval.passkey.enabled:
+        stages.append(("passkey", lambda: (run_passkey(cfg, models, device, cache_dir), None)))
+    if cfg.eval.generation.enabled:
+        stages.append(("generation",
+                       lambda: (run_generation(cfg, models, device, cache_dir), None)))
+    files: dict[str, Path] = {}
+    for name, stage in stages:
+        rows[name], extra = stage()
+        by_position = extra if extra is not None else by_position
+        files = write_outputs(out, cfg, rows["perplexity"], by_position, rows["passkey"],
+                              rows["generation"], models)
+    print(format_ppl_table(rows["perplexity"]))
+    for name, found in (("passkey accuracy", rows["passkey"]),
+                        ("generation quality", rows["generation"])):
+        if found:
+            print(f"\n{name}")
+            for r in found:
+                print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in r.items()))
+    print(f"\nresults in {out}")
+    log_to_wandb(cfg, out, rows["perplexity"], rows["passkey"], rows["generation"], files)
+    return rows

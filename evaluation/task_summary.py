@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, DataError
+from evaluation.plots import plot_accuracy_vs_hidden
 from evaluation.stats import Spread
 from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
-from tasks.synthetic.tasks import MAIN_METRIC
+from evaluation.wandb_runs import resolve_mode, sweep_group
+from tasks import main_metric
 
 # What the rows of a summary are named by; every other swept setting becomes a `variant`.
 ROW_KEYS = ("pe", "model.hidden_size")
@@ -162,9 +164,7 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
                   ) -> dict[str, Path]:
     """summary.csv, summary.md, accuracy_vs_hidden.png in `out` (each written atomically; for a
     metric other than the task's headline one the names end in `_<metric>`)."""
-    from evaluation.plots import plot_accuracy_vs_hidden
-
-    suffix = "" if metric == MAIN_METRIC[task] else f"_{metric}"
+    suffix = "" if metric == main_metric(task) else f"_{metric}"
     names = {"csv": f"summary{suffix}.csv", "md": f"summary{suffix}.md",
              "png": f"accuracy_vs_hidden{suffix}.png"}
     files = {name: out / name for name in names.values()}
@@ -194,8 +194,6 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
 def log_to_wandb(rows: Sequence[dict[str, Any]], files: dict[str, Path], sweep_dir: Path,
                  task: str, metric: str, project: str = "bipe", mode: str | None = None) -> None:
     """A `summary` run in the sweep's W&B group: the table, one line plot per setting, the PNG."""
-    from training.wandb_logger import resolve_mode, sweep_group
-
     mode = mode or resolve_mode(None)  # an explicit --wandb-mode beats WANDB_MODE
     if mode == "disabled":
         return
@@ -237,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         jobs = load_jobs(args.sweep_dir)
         task = jobs[0]["task"]
-        metric = args.metric or MAIN_METRIC[task]
+        metric = args.metric or main_metric(task)
         rows = summarise(jobs, metric)
         files = write_outputs(rows, args.sweep_dir, task, metric)
         print(next(p for p in files.values() if p.suffix == ".md").read_text(), end="")

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bipe.errors import CheckpointError
-from training.messages import first_line
+from bipe.config import HF_SCALING_KEYS, normalize_scaling
+from bipe.errors import CheckpointError, ConfigError, first_line
+from models.transformer import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ def build_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cp
     global_step). `model_config_hook` may edit the model config dict first, e.g. to set RoPE
     scaling for evaluation at a longer length.
     """
-    from tokenizers import Tokenizer
-
-    from models import ModelConfig, Transformer
+    from tokenizers import Tokenizer  # lazy: the format's readers need no tokenizer
 
     ckpt = load_checkpoint(path, map_location=map_location)
     meta = ckpt[CHECKPOINT_KEY]
@@ -156,3 +155,30 @@ def build_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cp
     model.eval()
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
     return model, tokenizer, meta
+
+
+def relative_training_range(meta: Mapping[str, Any]) -> int:
+    """The distances a checkpoint's relative part (RoPE, ALiBi) saw in training: tokens per
+    block, or for one over segment indices (BiPE), the most segments in a block."""
+    if meta["model_config"]["pe"]["relative"]["index"] == "inter":
+        return int(meta["data_stats"]["max_segments_per_block"])
+    return int(meta["run_config"]["data"]["block_size"])
+
+
+def with_scaling(meta: Mapping[str, Any], scaling: Mapping[str, Any] | None,
+                 key: str = "pe.relative.scaling") -> dict[str, Any] | None:
+    """`scaling` with `original_max_position: null` filled from the checkpoint (see above);
+    None stays None. ConfigError (naming `key`) when the checkpoint's encoding has no rotary part
+    or the scaling is malformed."""
+    if scaling is None:
+        return None
+    relative = meta["model_config"]["pe"]["relative"]
+    if relative["type"] != "rope":
+        raise ConfigError(f"{key} scales RoPE, but the checkpoint's encoding "
+                          f"({meta['model_config']['pe'].get('name')}) has relative part "
+                          f"{relative['type']!r}; set {key}=null or start from a rope or "
+                          "bipe_rope checkpoint")
+    out = {HF_SCALING_KEYS.get(k, k): v for k, v in scaling.items()}  # HF spellings too
+    if out.get("original_max_position") is None:
+        out["original_max_position"] = relative_training_range(meta)
+    return normalize_scaling(out, key)

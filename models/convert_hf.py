@@ -23,6 +23,7 @@ that rule in the checkpoint. Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import math
@@ -34,9 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bipe.alibi import alibi_slopes
 from bipe.encoding import PEConfig
-from bipe.errors import BipeError, CheckpointError, ConfigError
-from bipe.rope import _yarn_correction_dim
+from bipe.errors import BipeError, CheckpointError, ConfigError, first_line
+from bipe.rope import _yarn_correction_dim, rope_frequencies
+from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, STATE_PREFIX, save_atomic, to_plain
 from models.transformer import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
@@ -217,8 +220,6 @@ def model_config_from_hf(hf_config: Mapping[str, Any], pe: str,
 
 def _check_alibi_buffer(key: str, buf: Tensor, cfg: ModelConfig) -> None:
     """A released ALiBi buffer holds `slope_h * j` `[1, H, 1, L]`; its slopes must be ours."""
-    from bipe.alibi import alibi_slopes
-
     if buf.dim() != 4 or buf.shape[1] != cfg.n_heads or buf.shape[-1] < 2:
         raise CheckpointError(f"{key} has shape {list(buf.shape)}, not the released ALiBi "
                               f"buffer [1, {cfg.n_heads}, 1, L]")
@@ -233,8 +234,6 @@ def _check_alibi_buffer(key: str, buf: Tensor, cfg: ModelConfig) -> None:
 
 def _check_inv_freq(key: str, buf: Tensor, cfg: ModelConfig) -> None:
     """A persisted rotary `inv_freq` must match the base we rebuild it from."""
-    from bipe.rope import rope_frequencies
-
     ours, _ = rope_frequencies(cfg.head_dim, cfg.pe.relative.base, cfg.pe.relative.scaling)
     if buf.shape != ours.shape or not torch.allclose(buf.float(), ours, rtol=2e-3, atol=1e-7):
         raise CheckpointError(f"{key} does not match rope_theta={cfg.pe.relative.base:g} "
@@ -406,8 +405,7 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} needs the safetensors package: pip install "
                               "safetensors") from None
     except Exception as exc:  # truncated, corrupted or pickled with arbitrary objects
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} cannot be read: {msg}") from None
+        raise CheckpointError(f"{path} cannot be read: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -456,8 +454,8 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return Tokenizer.from_file(str(p))
     except Exception as exc:  # tokenizers raises plain Exceptions
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"--tokenizer {path} is not a tokenizer.json: {msg}") from None
+        raise CheckpointError(f"--tokenizer {path} is not a tokenizer.json: "
+                              f"{first_line(exc)}") from None
 
 
 def _eod_token(tokenizer: Any, hf_config: Mapping[str, Any]) -> str:
@@ -475,10 +473,6 @@ def build_checkpoint(cfg: ModelConfig, state: Mapping[str, Tensor], tokenizer: A
                      source: str = "") -> dict[str, Any]:
     """A checkpoint in train.py's format (`state_dict` with the `model.` prefix, fp32, and the
     `"bipe"` metadata) that `build_model_from_checkpoint` and `eval.py` read."""
-    import lightning
-
-    from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, STATE_PREFIX, to_plain
-
     model = Transformer(cfg)
     model.load_state_dict(dict(state))  # strict: every weight mapped, nothing left over
     weights = {STATE_PREFIX + k: v.detach().float().contiguous()
@@ -509,7 +503,8 @@ def build_checkpoint(cfg: ModelConfig, state: Mapping[str, Tensor], tokenizer: A
         "global_step": 0,
     }
     return {"state_dict": weights, "epoch": 0, "global_step": 0,
-            "pytorch-lightning_version": lightning.__version__, CHECKPOINT_KEY: meta}
+            "pytorch-lightning_version": importlib.metadata.version("lightning"),
+            CHECKPOINT_KEY: meta}
 
 
 def convert_folder(hf_dir: str | Path, out: str | Path, *, pe: str | None = None,
@@ -518,8 +513,6 @@ def convert_folder(hf_dir: str | Path, out: str | Path, *, pe: str | None = None
                    block_size: int | None = None,
                    max_segments_per_block: int | None = None) -> Path:
     """Convert a local HF Llama folder into one of our checkpoints at `out` (written atomically)."""
-    from models.checkpoint import save_atomic
-
     hf_config, hf_state = load_hf_folder(hf_dir)
     pe = pe or hf_config.get("rpe_type")
     if pe is None:

@@ -8,66 +8,15 @@ pass is shared by all layers.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bipe.attention import AttentionContext, AttentionOptions
-from bipe.encoding import PEConfig, PositionalEncoding, Positions
-from bipe.errors import ConfigError
+from bipe.encoding import PositionalEncoding, Positions
 from bipe.rope import apply_rotary
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 8192
-    n_layers: int = 4
-    hidden_size: int = 128
-    n_heads: int = 4
-    intermediate_size: int | None = None  # SwiGLU width; None = 4 * hidden (paper: 3072 for 768)
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    init_std: float = 0.02
-    pe: PEConfig = field(default_factory=lambda: PEConfig.named("rope"))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.pe, dict):
-            self.pe = PEConfig.from_dict(self.pe)
-        for key in ("vocab_size", "n_layers", "hidden_size", "n_heads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{key}={value!r} must be a positive integer")
-        if self.hidden_size % self.n_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                              f"model.n_heads={self.n_heads}; choose sizes whose ratio is the "
-                              "head size")
-        if self.pe.relative.type == "rope" and self.head_dim % 2:
-            raise ConfigError(f"rotary head size model.hidden_size/model.n_heads="
-                              f"{self.head_dim} is odd; RoPE rotates pairs of dimensions, "
-                              "choose an even head size")
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(f'model.{u}' for u in unknown)}; "
-                              f"valid keys: {sorted(names)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from models.config import ModelConfig
 
 
 class Attention(nn.Module):

@@ -25,6 +25,12 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from evaluation.config import register_eval_configs  # noqa: E402
+from training.config import register_configs  # noqa: E402
+
+register_configs()  # the schemas train.py and eval.py register before Hydra composes
+register_eval_configs()
+
 CONF = ROOT / "conf"
 WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "castle", "night", "day",
          "love", "death", "war", "peace", "speak", "hear", "come", "go", "my", "thy", "good",

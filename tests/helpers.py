@@ -22,3 +22,11 @@ def random_batch(B: int, T: int, vocab: int = 61, p_boundary: float = 0.2, seed:
     ids = torch.randint(0, vocab, (B, T), generator=g)
     boundary = torch.rand(B, T, generator=g) < p_boundary
     return ids, boundary
+
+
+def synthetic_dm(cfg: dict, seed: int = 0):
+    """The `SyntheticDataModule` of a generated task's `task` config (e.g. `{"name": ...}`)."""
+    from tasks import get_task
+    from tasks.generated import SyntheticDataModule
+
+    return SyntheticDataModule(get_task(cfg["name"])(cfg), seed=seed)

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bipe.errors import ConfigError
 from tests.conftest import CONF, compose_train
-from training import builders
-from training.schema import validate_config
+from training.config import TrainConfig, model_config, plain, validate_config
 
 GROUPS = ["pe", "model", "data", "task", "trainer", "logger", "callbacks", "paths", "experiment",
           "hparams_search"]
@@ -52,7 +52,7 @@ def test_every_group_has_its_documented_options():
 def test_every_option_composes_and_validates(group, option, tmp_path):
     cfg = compose_train([f"{group}={option}", *NEEDS.get((group, option), [])], tmp_path)
     settings = validate_config(cfg)  # includes the model and PE config
-    model = builders.model_config(cfg)
+    model = model_config(plain(cfg))
     assert settings.max_steps >= 1 and model.pe.name == cfg.pe.name
     if group == "pe":
         assert cfg.pe.name == option
@@ -99,14 +99,33 @@ def test_run_and_sweep_folders_are_unique_per_job():
     ("+model.hidden=64", "model.hidden"),
 ])
 def test_unknown_key_fails_naming_it(override, key, tmp_path):
-    cfg = compose_train([override], tmp_path)
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    assert key in config_error([override], tmp_path)
+
+
+def config_error(overrides: list[str], tmp_path) -> str:
+    """The one line a bad config gets: from Hydra when the schemas reject it at composition,
+    else from `validate_config`."""
+    from training.job import hydra_error_line
+
+    try:
+        cfg = compose_train(overrides, tmp_path)
+    except (HydraException, OmegaConfBaseException) as exc:
+        return hydra_error_line(exc)
+    with pytest.raises(ConfigError) as err:
         validate_config(cfg)
+    return str(err.value)
 
 
-def test_unknown_key_suggests_the_close_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"optim\.lrr; did you mean 'lr'\?"):
-        validate_config(compose_train(["+optim.lrr=0.1"], tmp_path))
+@pytest.mark.parametrize(("override", "stage"), [
+    ("+optim.lrr=0.1", "composition"),  # typed nodes: the schema rejects the key
+    ("+trainer.max_step=5", "validation"),  # `_target_` nodes: checked against the signature
+])
+def test_unknown_key_suggests_the_close_one_or_the_valid_ones(override, stage, tmp_path):
+    message = config_error([override], tmp_path)
+    key = override[1:].split("=")[0]
+    assert "\n" not in message and key.rsplit(".", 1)[1] in message
+    if stage == "validation":
+        assert "did you mean 'max_steps'?" in message
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -124,8 +143,8 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
     ("seed=abc", "seed"),
 ])
 def test_bad_value_fails_naming_the_key(override, key, tmp_path):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(compose_train([override], tmp_path))
+    message = config_error([override], tmp_path)
+    assert key in message and "\n" not in message
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -157,10 +176,8 @@ def test_override_of_a_missing_key_is_refused_by_hydra(tmp_path):
 
 def test_config_files_have_no_stray_keys():
     # Every top-level key of train.yaml is one the schema knows (so a typo there fails too).
-    from training.schema import TOP_LEVEL_KEYS
-
     text = OmegaConf.load(Path(CONF) / "train.yaml")
-    assert set(text) - {"defaults"} <= set(TOP_LEVEL_KEYS)
+    assert set(text) - {"defaults"} <= set(TrainConfig.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("search", options("hparams_search"))
@@ -198,7 +215,7 @@ def test_a_study_sweeps_three_seeds_of_each_encoding_with_its_tuned_lr(study, tm
 
 
 def test_sweep_job_folder_names_stay_short_and_unique():
-    from train import short_dirname
+    from training.config import short_dirname
 
     assert short_dirname("pe=rope,seed=1") == "pe=rope,seed=1"
     long_a = ",".join(f"task.key{i}={i}" for i in range(40))

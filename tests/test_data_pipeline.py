@@ -94,7 +94,7 @@ def test_cache_is_reused_without_touching_the_corpus(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the corpus was read or tokenized again")
 
-    monkeypatch.setattr("data.sources.TextFilesSource.load", boom)
+    monkeypatch.setattr("data.sources.text_files.TextFilesSource.load", boom)
     monkeypatch.setattr("data.datamodule.DocumentEncoder", boom)
     monkeypatch.setattr("data.tokenizer.train_bpe", boom)
     dm2 = ready(cfg)

@@ -10,13 +10,13 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from data.config import DataConfig  # noqa: E402
-from data.shakespeare import markdown_to_text  # noqa: E402
 from data.sources import (  # noqa: E402
     Document,
     HubSource,
     PythonCodeSource,
     ShakespeareSource,
     hash_split,
+    markdown_to_text,  # noqa: E402
 )
 
 PLAY = """# The Test
@@ -119,7 +119,7 @@ def test_pile_streaming_filters_subset_and_caps(tmp_path, monkeypatch):
         calls.append((path, split, streaming))
         return iter(records)
 
-    monkeypatch.setattr("data.sources._offline_reason", lambda timeout=2.0: None)
+    monkeypatch.setattr("data.sources.hub.offline_reason", lambda timeout=2.0: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = DataConfig.from_dict({"name": "pile", "subset": "ArXiv", "cache_dir": str(tmp_path),
                                 "max_train_documents": 7, "max_eval_documents": 3})

@@ -70,7 +70,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, cache_dir):
     from bipe.errors import CheckpointError, ConfigError
     from eval import evaluate
 
-    with pytest.raises(ConfigError, match="ckpt=PATH"):
+    with pytest.raises(ConfigError, match="ckpt_path=PATH"):
         evaluate(compose_eval([], tmp_path / "e1", cache_dir))
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(compose_eval([f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path / "e2", cache_dir))

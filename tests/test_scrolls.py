@@ -10,7 +10,8 @@ import pytest
 from bipe.errors import ConfigError
 from data import DataConfig
 from data.tokenizer import train_bpe
-from tasks.scrolls import ScrollsEncoder, resolve
+from tasks.scrolls import ScrollsConfig
+from tasks.scrolls_data import ScrollsEncoder
 from tasks.scrolls_metrics import exact_match, f1, normalize_answer, rouge, score
 from tests.conftest import WORDS, compose_train
 
@@ -48,11 +49,11 @@ def test_rouge_is_the_geometric_mean_of_the_best_of_each_measure():
 
 def test_bad_scrolls_configs_name_the_key():
     with pytest.raises(ConfigError, match="task.subset='squad'"):
-        resolve({"name": "scrolls", "subset": "squad"})
+        ScrollsConfig(**{"name": "scrolls", "subset": "squad"})
     with pytest.raises(ConfigError, match="task.truncate"):
-        resolve({"name": "scrolls", "truncate": "start"})
+        ScrollsConfig(**{"name": "scrolls", "truncate": "start"})
     with pytest.raises(ConfigError, match="task.data_files"):
-        resolve({"name": "scrolls", "data_files": {"train": "a.jsonl"}})
+        ScrollsConfig(**{"name": "scrolls", "data_files": {"train": "a.jsonl"}})
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def write_scrolls(folder, n_train=6, n_val=3):
 def test_scrolls_fine_tunes_scores_and_summarises(run_train, tmp_path):
     from evaluation.task_summary import main as summary_main
     from models.checkpoint import build_model_from_checkpoint
-    from tasks.scrolls import ScrollsDataModule
+    from tasks.scrolls_data import ScrollsDataModule
     from train import train
 
     _, base = run_train("base", "pe=bipe_rope")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from tasks.synthetic import arithmetic as ar
-from tasks.synthetic.arithmetic import Node
+from tasks import arithmetic as ar
+from tasks.arithmetic import Node
 
 P = 1_000_003  # a large prime: random points tell different rational functions apart
 

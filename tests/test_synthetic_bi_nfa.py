@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.synthetic import bi_nfa as bn
-from tasks.synthetic.datamodule import SyntheticDataModule
+from tasks import bi_nfa as bn
+from tests.helpers import synthetic_dm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def simulate(automaton, words):
 @pytest.fixture(scope="module")
 def cli_output():
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.synthetic.bi_nfa", "--count", "30", "--seed", "3",
+        [sys.executable, "-m", "tasks.bi_nfa", "--count", "30", "--seed", "3",
          "--segments", "6", "--automaton-seed", "5"],
         cwd=ROOT, capture_output=True, text=True, check=True, timeout=120,
     ).stdout
@@ -126,7 +126,7 @@ def words_of(dm, batch):
 
 
 def test_longer_splits_have_more_segments_with_the_same_segment_lengths():
-    dm = SyntheticDataModule({"name": "bi_nfa", "segments": [1, 4], "n_val": 40,
+    dm = synthetic_dm({"name": "bi_nfa", "segments": [1, 4], "n_val": 40,
                               "eval_batch_size": 40, "batch_size": 32}, seed=0)
     assert dm.val_names == ["seg_4", "seg_8", "seg_16"]
     train = [w for k in range(3) for w in words_of(dm, dm.train_dataloader().dataset.batch(k))]

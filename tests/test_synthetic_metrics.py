@@ -7,8 +7,9 @@ from torch import nn
 
 from bipe import PEConfig
 from models import ModelConfig, Transformer
-from tasks.synthetic import SyntheticDataModule
-from tasks.synthetic.metrics import arithmetic_accuracy, bi_nfa_accuracy
+from tasks.arithmetic import arithmetic_accuracy
+from tasks.bi_nfa import bi_nfa_accuracy
+from tests.helpers import synthetic_dm
 
 
 class Oracle(nn.Module):
@@ -58,7 +59,7 @@ def tiny_transformer(vocab, pe="bipe_rope"):
 
 
 def arithmetic_batch(operators=3, n=24):
-    dm = SyntheticDataModule({"name": "arithmetic", "operators": operators, "n_val": n,
+    dm = synthetic_dm({"name": "arithmetic", "operators": operators, "n_val": n,
                               "eval_batch_size": n}, seed=0)
     return dm, next(iter(dm.val_dataloader()[1]))
 
@@ -86,7 +87,7 @@ def test_arithmetic_untrained_model_scores_low_and_keeps_its_mode():
 
 
 def test_bi_nfa_oracle_random_model_and_one_wrong_state():
-    dm = SyntheticDataModule({"name": "bi_nfa", "segments": [1, 4], "n_val": 16,
+    dm = synthetic_dm({"name": "bi_nfa", "segments": [1, 4], "n_val": 16,
                               "eval_batch_size": 16}, seed=0)
     batch = next(iter(dm.val_dataloader()[1]))  # 8 segments
     refs = references(batch)

@@ -130,7 +130,7 @@ def test_the_run_writes_its_metrics_and_returns_the_optimized_one(run_train):
     validation's included), also written to metrics.json; a name the run lacks is an error."""
     from bipe.errors import ConfigError
     from tests.conftest import compose_train
-    from train import optimized_value
+    from training.run import optimized_value
 
     metrics, run_dir = run_train("tuned", "optimized_metric=val/loss")
     saved = json.loads((run_dir / "metrics.json").read_text())

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bipe.errors import ConfigError
-from tasks.synthetic import SyntheticDataModule
 from tests.conftest import ROOT, smoke_overrides
+from tests.helpers import synthetic_dm
 from tests.test_data_pipeline import make_cfg, ready
 
 
@@ -38,7 +38,7 @@ def test_a_global_batch_that_does_not_split_is_refused(tmp_path):
     dm = ready(make_cfg(tmp_path, batch_size=6))
     with pytest.raises(ConfigError, match=r"data.batch_size=6 .* multiple of 4"):
         dm.train_dataset().shard(2, 0, 2)
-    synthetic = SyntheticDataModule({"name": "arithmetic", "batch_size": 6})
+    synthetic = synthetic_dm({"name": "arithmetic", "batch_size": 6})
     synthetic.setup()
     with pytest.raises(ConfigError, match="task.batch_size=6"):
         synthetic.train_dataloader().dataset.shard(4, 0, 1)

@@ -14,8 +14,8 @@ import yaml
 
 from bipe.errors import ConfigError
 from models.checkpoint import build_model_from_checkpoint
-from tasks.synthetic import SyntheticDataModule
 from tests.conftest import ROOT, compose_train
+from tests.helpers import synthetic_dm
 from training.task_module import TaskScores, evaluate_task, format_task_table
 
 TINY = ["logger=none", "model.n_layers=1", "model.hidden_size=16", "model.n_heads=2",
@@ -47,7 +47,7 @@ def test_a_task_selects_its_data_and_model_and_the_command_line_still_wins():
     (["task=lm", "data=synthetic"], "data=synthetic only serves"),
 ])
 def test_bad_task_configs_name_the_key(overrides, needle, tmp_path):
-    from training.schema import validate_config
+    from training.config import validate_config
 
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("+", r"\+")):
         validate_config(compose_train(overrides, tmp_path))
@@ -75,7 +75,7 @@ def test_a_task_run_validates_per_setting_and_reports_what_its_checkpoint_scores
     # The reported numbers are those of the saved final weights on the test sets.
     model, tokenizer, meta = build_model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert meta["data_stats"]["max_segments_per_block"] >= 2
-    dm = SyntheticDataModule(report["task_config"], seed=0)
+    dm = synthetic_dm(report["task_config"], seed=0)
     assert tokenizer.to_str() == dm.tokenizer.to_str()
     again = evaluate_task(model, dm.test_dataloader(), dm.val_names, dm.score)
     assert [r[metric] for r in again] == [r[metric] for r in report["results"]]

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from bipe.errors import ConfigError
+from evaluation.wandb_runs import api_key_configured, resolve_mode
 from models import ModelConfig
+from training.config import OptimConfig
 from training.job import EXIT_USAGE, run_job
 from training.module import LanguageModel, batch_seed, next_token_loss
 from training.schedule import SCHEDULES, lr_multiplier
-from training.schema import OptimConfig
-from training.wandb_logger import api_key_configured, resolve_mode
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -21,37 +21,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bipe.errors import ConfigError
-from bipe.rope import validate_scaling
+from models.checkpoint import with_scaling
 
 log = logging.getLogger(__name__)
-
-
-def relative_training_range(meta: Mapping[str, Any]) -> int:
-    """The distances a checkpoint's relative part (RoPE, ALiBi) saw in training: tokens per
-    block, or for one over segment indices (BiPE), the most segments in a block."""
-    if meta["model_config"]["pe"]["relative"]["index"] == "inter":
-        return int(meta["data_stats"]["max_segments_per_block"])
-    return int(meta["run_config"]["data"]["block_size"])
-
-
-def with_scaling(meta: Mapping[str, Any], scaling: Mapping[str, Any] | None,
-                 key: str = "pe.relative.scaling") -> dict[str, Any] | None:
-    """`scaling` with `original_max_position: null` filled from the checkpoint (see above);
-    None stays None. ConfigError (naming `key`) when the checkpoint's encoding has no rotary part
-    or the scaling is malformed."""
-    if scaling is None:
-        return None
-    relative = meta["model_config"]["pe"]["relative"]
-    if relative["type"] != "rope":
-        raise ConfigError(f"{key} scales RoPE, but the checkpoint's encoding "
-                          f"({meta['model_config']['pe'].get('name')}) has relative part "
-                          f"{relative['type']!r}; set {key}=null or start from a rope or "
-                          "bipe_rope checkpoint")
-    out = dict(scaling)
-    if out.get("original_max_position") is None:
-        out["original_max_position"] = relative_training_range(meta)
-    validate_scaling(out, key)
-    return out
 
 
 def apply_finetune(cfg: DictConfig, meta: Mapping[str, Any], resume: bool = False) -> None:
@@ -65,9 +37,10 @@ def apply_finetune(cfg: DictConfig, meta: Mapping[str, Any], resume: bool = Fals
     if resume:
         if finetune.model_from_checkpoint or finetune.block_size_factor is not None:
             model = dict(meta["model_config"])
+            pe = model.pop("pe")
             with open_dict(cfg):
-                cfg.pe = model.pop("pe")
-                cfg.model = model
+                OmegaConf.update(cfg, "pe", pe, merge=True)
+                OmegaConf.update(cfg, "model", model, merge=True)
                 cfg.data.block_size = int(meta["run_config"]["data"]["block_size"])
         return
     if finetune.model_from_checkpoint:
@@ -75,9 +48,9 @@ def apply_finetune(cfg: DictConfig, meta: Mapping[str, Any], resume: bool = Fals
         pe = model.pop("pe")
         scaling = OmegaConf.to_container(cfg.pe.relative, resolve=True).get("scaling")
         pe = {**pe, "relative": {**pe["relative"], "scaling": with_scaling(meta, scaling)}}
-        with open_dict(cfg):
-            cfg.model = model
-            cfg.pe = pe
+        with open_dict(cfg):  # merged into the typed nodes (every key is given)
+            OmegaConf.update(cfg, "model", model, merge=True)
+            OmegaConf.update(cfg, "pe", pe, merge=True)
         log.info("fine-tuning the checkpoint's model: pe=%s, hidden %s, %s layers, scaling %s",
                  pe.get("name"), model["hidden_size"], model["n_layers"],
                  pe["relative"]["scaling"])

@@ -1,18 +1,23 @@
-"""`run_job`: what wraps every Hydra job: error reporting and always closing the W&B run."""
+"""What wraps the entry points: `cli` around Hydra's main (its own errors become one line) and
+`run_job` around every job (a `BipeError` becomes one line, the W&B run is always closed)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from bipe.errors import BipeError
-from training.messages import first_line
-from training.wandb_logger import finish_wandb
+from bipe.errors import BipeError, first_line
+from evaluation.wandb_runs import finish_wandb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -21,9 +26,6 @@ EXIT_USAGE = 2  # a BipeError: bad config, data or checkpoint
 
 
 def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -72,3 +74,36 @@ def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     finally:
         finish_wandb(failed)
 
+
+def hydra_error_line(exc: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing the config: an unknown
+    group option with the valid ones, or the message and its cause with the key they name."""
+    if isinstance(exc, MissingConfigException) and exc.options:
+        group = (exc.missing_cfg_file or "").rsplit("/", 1)
+        name = f"{group[0]}={group[1]}" if len(group) == 2 else exc.missing_cfg_file
+        return (f"{name} is not an option; choose one of {', '.join(exc.options)} "
+                f"(conf/{group[0]}/*.yaml)")
+    parts: list[str] = []
+    key = None
+    while exc is not None:
+        line = first_line(exc).rstrip(".")
+        # OmegaConf repeats its message as a template ($VALUE) and some causes say "None"
+        if line and line != "None" and "$VALUE" not in line and line not in parts:
+            parts.append(line)
+        key = key or getattr(exc, "full_key", None)
+        exc = exc.__cause__ or exc.__context__
+    text = "; ".join(parts)
+    if key and key not in text:
+        text += f" (key {key})"
+    return text
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Run a `@hydra.main` function; an error while composing the config (an unknown option, a
+    misspelled or mistyped key, a malformed override) prints one `error:` line and exits 2."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

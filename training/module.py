@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,10 +13,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from evaluation.perplexity import format_ppl_table, perplexity_rows
 from models import ModelConfig, Transformer
 from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, to_plain
+from training.config import OptimConfig, RunSettings
 from training.schedule import lr_multiplier
-from training.schema import OptimConfig
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass
+class Report:
+    """What a run measured at its end: metrics (logged, returned), the printed table, the file
+    it is written to and what goes in that file."""
+
+    metrics: dict[str, Any]
+    table: str
+    file: str
+    payload: dict[str, Any]
 
 
 def next_token_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None
@@ -141,3 +156,29 @@ class LanguageModel(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "start_batch"):
             dm.start_batch = checkpoint["global_step"] * self.trainer.accumulate_grad_batches
+
+    @torch.no_grad()
+    def final_report(self, dm: Any, settings: RunSettings, run: dict[str, Any],
+                     device: torch.device) -> Report:
+        """Perplexity at `eval.lengths` x the training length on `eval.split` (blocks protocol:
+        every token scored once), with the final weights: does the encoding extrapolate?"""
+        ev = settings.eval
+        block = settings.block_size
+        ids, boundary = dm.split_arrays(ev.split)
+        lengths = [m * block for m in ev.lengths]
+        name = run["pe"]["name"]
+        rows, _ = perplexity_rows(
+            self.model, ids, boundary, lengths, train_length=block,
+            base={"model": name, "group": name, "seed": run["seed"], "pe": name,
+                  "dataset": run["data"]["name"], "split": ev.split, "lm_infinite": False},
+            batch_size=ev.batch_size, max_blocks=ev.max_blocks,
+            batch_tokens=run["data"]["batch_size"] * block,
+            device=device, autocast_dtype=AUTOCAST_DTYPES.get(str(run["trainer"]["precision"])))
+        step = self.trainer.global_step
+        table = format_ppl_table(rows)
+        title = (f"{ev.split} perplexity vs length: pe={name}, trained on {block}-token "
+                 f"blocks, step {step}")
+        payload = {"pe": name, "block_size": block, "seed": run["seed"], "split": ev.split,
+                   "global_step": step, "results": rows}
+        metrics = {f"eval/ppl_{m}x": r["ppl"] for m, r in zip(ev.lengths, rows, strict=True)}
+        return Report(metrics, f"{title}\n{table}", "length_eval.json", payload)

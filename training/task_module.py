@@ -1,10 +1,10 @@
 """`TaskModel`: training on a synthetic task, scored per test length by loss and task metrics.
 
-A synthetic task (`tasks.synthetic`, `task=arithmetic | bi_nfa`) has one evaluation set per
+A synthetic task (`tasks.generated`, `task=arithmetic | bi_nfa`) has one evaluation set per
 setting (`ops_4, ops_5, ...` or `seg_8, seg_16, ...`), served as a list of validation loaders.
 `TaskModel` is the `LanguageModel` (same loss, optimizer, schedule and checkpoints) with a
 validation that keeps the settings apart: per setting it adds the summed loss and the task's
-sums and counts over batches (`tasks.synthetic.metrics.RATES`), and logs `val/<setting>/loss` and
+sums and counts over batches (`tasks.scoring.RATES`), and logs `val/<setting>/loss` and
 `val/<setting>/<rate>`. `val/loss` is the first (in-distribution) setting's loss, so checkpoint
 selection never looks at the extrapolation sets. `evaluate_task` scores the test sets the same way
 at the end of a run.
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasks.synthetic.metrics import add_sums, rates
-from training.module import LanguageModel, next_token_loss
+from tasks.scoring import add_sums, rates
+from training.config import RunSettings
+from training.module import LanguageModel, Report, next_token_loss
 
 Scorer = Callable[[nn.Module, dict[str, Tensor]], dict[str, float]]
 
@@ -107,6 +108,23 @@ class TaskModel(LanguageModel):
         if first is not None:  # Lightning's sanity check may stop before the first setting ends
             self.log("val/loss", first["loss"], prog_bar=True)
             self.log(f"val/{self.main_metric}", first[self.main_metric], prog_bar=True)
+
+    def final_report(self, dm: Any, settings: RunSettings, run: dict[str, Any],
+                     device: torch.device) -> Report:
+        """The task's metrics on its test sets, one row per setting, with the final weights."""
+        rows = evaluate_task(self.model, dm.test_dataloader(), dm.val_names, dm.score, device)
+        step = self.trainer.global_step
+        payload = {"task": dm.task_name, "main_metric": self.main_metric, "pe": run["pe"]["name"],
+                   "model": self.model_config.to_dict(),
+                   "n_parameters": self.model.num_parameters(), "seed": run["seed"],
+                   "global_step": step, "task_config": dict(dm.cfg),
+                   "split": getattr(dm, "test_split", "test"), "results": rows}
+        metrics = {f"test/{r['setting']}/{k}": r[k] for r in rows
+                   for k in ("loss", "accuracy", "exact", "token_accuracy", "sequence_accuracy",
+                             "score") if k in r}
+        table = format_task_table(rows, f"test {dm.task_name}: pe={run['pe']['name']}, hidden "
+                                        f"{self.model_config.hidden_size}, step {step}")
+        return Report(metrics, table, "task_eval.json", payload)
 
 
 @torch.no_grad()

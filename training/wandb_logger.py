@@ -1,75 +1,19 @@
-"""The W&B logger: offline unless you are logged in, one run per (multirun) job, always finished.
-
-Mode, highest priority first: the `WANDB_MODE` environment variable (CI and tests set
-`disabled`), then `logger.mode`, then `online` if an API key is configured (`WANDB_API_KEY`, or a
-`~/.netrc` entry for the W&B host, which `wandb login` writes) and `offline` otherwise. Offline
-runs can be uploaded later with `wandb sync <run folder>/wandb/offline-run-*`.
-
-In a Hydra multirun every job is its own W&B run: grouped by the sweep folder's name, named by
-the job's overrides (`pe=rope,seed=1`). `finish_wandb` closes the run of the current job, so the
-next job of a sweep in the same process starts a fresh one.
+"""The W&B logger of a training run: offline unless you are logged in, one run per (multirun)
+job (grouped by sweep, named by the job's overrides, e.g. `pe=rope,seed=1`), always finished.
+The mode and group rules are `evaluation.wandb_runs`'s, shared with evaluations and summaries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import netrc
 import os
-import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from bipe.errors import ConfigError
+from evaluation.wandb_runs import hydra_run_names, resolve_mode
 
 log = logging.getLogger(__name__)
-
-MODES = ("online", "offline", "disabled")
-
-
-def api_key_configured() -> bool:
-    """True if wandb would find an API key: `WANDB_API_KEY` or a netrc entry for its host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or Path.home() / ".netrc"
-    try:
-        entry = netrc.netrc(str(path)).authenticators(host or "api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
-
-
-def resolve_mode(mode: str | None) -> str:
-    """The W&B mode this run uses (see the module docstring for the order)."""
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        return {"dryrun": "offline", "run": "online"}.get(env, env)  # wandb's legacy aliases
-    if mode is not None:
-        if mode not in MODES:
-            raise ConfigError(f"logger.mode={mode!r} is unknown; choose one of {MODES} or null")
-        return mode
-    return "online" if api_key_configured() else "offline"
-
-
-def sweep_group(sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep folder's runs: its last two parts (`<day>_<time>`)."""
-    return "_".join(Path(sweep_dir).resolve().parts[-2:])  # e.g. 2024-05-01_12-30-00-123456
-
-
-def hydra_run_names() -> tuple[str | None, str]:
-    """(group, name) for this job: the sweep and the job's overrides in a multirun, else no group
-    and the run folder's name."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None, "run"
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return sweep_group(hc.sweep.dir), hc.job.override_dirname or f"job{hc.job.num}"
-    return None, Path(hc.runtime.output_dir).name
 
 
 def wandb_logger(project: str = "bipe", entity: str | None = None, mode: str | None = None,
@@ -110,8 +54,3 @@ def record_run(logger: Any, path: Path) -> dict[str, Any]:
     return info
 
 
-def finish_wandb(failed: bool = False) -> None:
-    """Close the current W&B run, if one is open (a no-op when wandb was never imported)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if failed else 0)

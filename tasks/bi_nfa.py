@@ -43,7 +43,7 @@ Only state tokens are targets. Length extrapolation: training draws K uniformly 
 `segments = [min, M]`; test splits use K = M, 2M, 4M with the same segment-length range, so only
 the number of segments grows.
 
-Command line: `python -m tasks.synthetic.bi_nfa --count K --seed S` prints one JSON line
+Command line: `python -m tasks.bi_nfa --count K --seed S` prints one JSON line
 `{"automaton": ...}` and then K lines, one sequence each, with its words, inner sets and state
 labels (sizes as options; defaults are the task defaults).
 """
@@ -56,11 +56,23 @@ import random
 import string
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from .example import EncodedExample
+import torch
+from torch import Tensor, nn
+
+from bipe.errors import ConfigError
+from tasks.base import (
+    EvalSetting,
+    GeneratedTask,
+    GeneratedTaskConfig,
+    check_int,
+    check_int_list,
+    register,
+)
+from tasks.example import EncodedExample
 
 MAX_ALPHABET = 26
 MAX_INNER_STATES = 10  # the outer transition table has outer_states * 2^inner_states entries
@@ -321,9 +333,136 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@torch.no_grad()
+def bi_nfa_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+    """Per-state-token and per-sequence accuracy of the argmax at the scored positions.
+
+    Teacher forcing is the task's chain of thought: each state token is predicted from the word,
+    `#` and the true earlier state tokens. Batch: `input_ids`, `boundary`, `targets` `[B, T]`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(batch["input_ids"], batch["boundary"])  # [B, T, V]
+    finally:
+        model.train(was_training)
+    targets = batch["targets"]
+    scored = targets != -100
+    hit = (logits.argmax(dim=-1) == targets) & scored
+    tokens, tokens_correct = int(scored.sum()), int(hit.sum())
+    has_targets = scored.any(dim=1)
+    sequences = int(has_targets.sum())
+    sequences_correct = int(((hit | ~scored).all(dim=1) & has_targets).sum())
+    return {
+        "token_accuracy": tokens_correct / max(tokens, 1),
+        "sequence_accuracy": sequences_correct / max(sequences, 1),
+        "tokens_correct": float(tokens_correct),
+        "tokens": float(tokens),
+        "sequences_correct": float(sequences_correct),
+        "sequences": float(sequences),
+    }
+
+
+def _range(key: str, value: Any) -> list[int]:
+    lo, hi = check_int_list(key, value, 1, length=2)
+    if lo > hi:
+        raise ConfigError(f"{key}={[lo, hi]} must be [min, max] with min <= max")
+    return [lo, hi]
+
+
+@dataclass
+class BiNFAConfig(GeneratedTaskConfig):
+    """`task.*` of `task=bi_nfa` (conf/task/bi_nfa.yaml says what each key does)."""
+
+    name: str = "bi_nfa"
+    alphabet: int = DEFAULTS["alphabet"]
+    inner_states: int = DEFAULTS["inner_states"]
+    outer_states: int = DEFAULTS["outer_states"]
+    density: float = DEFAULTS["density"]
+    automaton_seed: int = DEFAULTS["automaton_seed"]
+    segment_length: list[int] = field(default_factory=lambda: list(DEFAULTS["segment_length"]))
+    segments: list[int] = field(default_factory=lambda: [1, 8])  # training draws 1..M
+    test_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])  # M, 2M, 4M
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("task.alphabet", self.alphabet, 1, MAX_ALPHABET)
+        check_int("task.inner_states", self.inner_states, 2, MAX_INNER_STATES)
+        check_int("task.outer_states", self.outer_states, 2, MAX_OUTER_STATES)
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not (
+                0.0 <= self.density <= 1.0):
+            raise ConfigError(f"task.density={self.density!r} must be a number in [0, 1]")
+        self.density = float(self.density)
+        check_int("task.automaton_seed", self.automaton_seed, 0)
+        self.segment_length = _range("task.segment_length", self.segment_length)
+        self.segments = _range("task.segments", self.segments)
+        self.test_multipliers = check_int_list("task.test_multipliers", self.test_multipliers, 1)
+
+
+@register
+class BiNFATask(GeneratedTask):
+    """Bilevel NFA sequences (the module docstring is the definition); state-token and
+    whole-sequence accuracy under teacher forcing."""
+
+    name = "bi_nfa"
+    config = BiNFAConfig
+    main_metric = "sequence_accuracy"
+    pad_id, bos_id, eod_id = PAD_ID, BOS_ID, EOS_ID
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        c = self.cfg
+        self.segment_length: tuple[int, int] = tuple(c.segment_length)
+        self.segments: tuple[int, int] = tuple(c.segments)
+        self.eval_segments = [m * self.segments[1] for m in c.test_multipliers]
+        try:
+            self.automaton = make_bi_nfa(c.alphabet, c.inner_states, c.outer_states, c.density,
+                                         self.segment_length, c.automaton_seed)
+        except ValueError as e:
+            raise ConfigError(f"task (bi_nfa): {e}") from e
+        self.vocab = vocab(self.automaton)
+
+    def _draw(self, n_segments: int, rng: random.Random) -> EncodedExample:
+        seq = sample_sequence(self.automaton, n_segments, self.segment_length, rng)
+        return encode(self.automaton, seq)
+
+    def train_example(self, rng: random.Random) -> EncodedExample:
+        """One training sequence with a uniform number of segments in `segments`."""
+        return self._draw(rng.randint(*self.segments), rng)
+
+    def eval_settings(self) -> list[EvalSetting]:
+        """`M * multiplier` segments for each test multiplier."""
+        return [EvalSetting(f"seg_{k}", lambda rng, k=k: self._draw(k, rng))
+                for k in self.eval_segments]
+
+    def key(self, example: EncodedExample) -> tuple[int, ...]:
+        """The whole sequence (its labels follow from its words)."""
+        return example.ids
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers: bounds, expected segments, and one-level baselines of the labels."""
+        lo, hi = self.segments
+        top = max(self.eval_segments)
+        per_segment = self.segment_length[1] + 2  # word, '#', state token
+        baselines = predictability(self.automaton, self.segment_length)
+        return {
+            "max_segments_per_block": hi,
+            "segments_per_block_mean": (lo + hi) / 2,
+            "max_input_length": hi * per_segment,  # <bos> in, the last state token out
+            "max_segment_length": per_segment + 1,  # the first segment holds <bos>
+            "eval_max_input_length": top * per_segment,
+            "eval_max_segment_length": per_segment + 1,
+            "state_tokens": 1 << self.automaton.outer_states,
+            **{f"baseline_{k}": round(v, 4) for k, v in baselines.items()},
+        }
+
+    def score(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        return bi_nfa_accuracy(model, batch)
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.synthetic.bi_nfa",
+        prog="python -m tasks.bi_nfa",
         description="Print a random Bi-NFA and labelled sequences as JSON lines.",
     )
     parser.add_argument("--count", type=int, default=10, help="number of sequences")

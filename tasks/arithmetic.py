@@ -44,7 +44,7 @@ question's tokens sit one offset later than the same tokens of the first step). 
 Loss. Only the tokens after the first `=` are targets (the steps, the answer and `<eos>`); the
 prompt for greedy decoding is everything up to and including the first `=`.
 
-Command line: `python -m tasks.synthetic.arithmetic --operators N --count K --seed S [--direct]`
+Command line: `python -m tasks.arithmetic --operators N --count K --seed S [--direct]`
 prints K examples with N operators, one a line (`--mix` draws 1..N operators as in training).
 """
 
@@ -52,12 +52,27 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .example import EncodedExample
+import torch
+from torch import Tensor, nn
+
+from bipe.errors import ConfigError
+from models.generation import generate
+from tasks.base import (
+    EvalSetting,
+    GeneratedTask,
+    GeneratedTaskConfig,
+    check_int,
+    check_int_list,
+    register,
+)
+from tasks.example import EncodedExample
 
 MODULUS = 11
+MAX_OPERATORS = 64  # a chain has about 2 N^2 tokens: 64 operators give ~8,400
 OPERATORS = ("+", "-", "*", "/")
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 NON_ASSOCIATIVE = ("-", "/")  # a right operand of equal precedence must keep its brackets
@@ -278,9 +293,136 @@ def position_stats(examples: Sequence[ArithmeticExample], bos_segment: bool = Fa
     return PositionStats(counts, {k: h / n for k, (h, n) in sorted(same.items()) if n})
 
 
+@torch.no_grad()
+def arithmetic_accuracy(model: nn.Module, batch: dict[str, Tensor], *,
+                        separator_ids: Iterable[int] = SEPARATOR_IDS, eos_id: int = EOS_ID,
+                        max_new_tokens: int | None = None) -> dict[str, float]:
+    """Final-answer accuracy of greedy KV-cached decoding from each prompt (`... =`).
+
+    Batch: `input_ids`, `boundary` `[B, T]`, `targets` `[B, T]`, `prompt_len`, `answer_id`,
+    `length` `[B]`. The predicted answer is the token before the first `<eos>` (the last token if
+    none came within `max_new_tokens`, default twice the longest true continuation plus 8). All
+    rows decode together, each from its own prompt (`generate(prompt_lengths=...)`), so no prompt
+    is padded. `exact` is the share whose generated chain equals the reference token for token
+    (chains are not always unique).
+    """
+    separator_ids = tuple(separator_ids)
+    ids, boundary, targets = batch["input_ids"], batch["boundary"], batch["targets"]
+    prompt_len, answer, length = batch["prompt_len"], batch["answer_id"], batch["length"]
+    B = ids.shape[0]
+    # Reference continuation of row r: inputs after the prompt, then the last target (<eos>).
+    todo = length + 1 - prompt_len  # [B]
+    budget = max_new_tokens or 2 * int(todo.max()) + 8
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(model, ids, boundary, max_new_tokens=budget, separator_ids=separator_ids,
+                       eos_id=eos_id, prompt_lengths=prompt_len)  # [B, L]
+    finally:
+        model.train(was_training)
+    L = out.shape[1]
+    col = torch.arange(L, device=out.device)[None, :]
+    generated = (col >= prompt_len[:, None]) & (col < prompt_len[:, None] + budget)  # [B, L]
+    is_eos = (out == eos_id) & generated
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.long().argmax(dim=1)  # 0 when none; masked below
+    last = (prompt_len + budget).clamp(max=L) - 1
+    at = torch.where(has_eos, first_eos - 1, last)
+    predicted = out.gather(1, at[:, None]).squeeze(1)
+    correct = int((predicted == answer).sum())
+    exact = 0
+    for r in range(B):
+        p, n = int(prompt_len[r]), int(todo[r])
+        ref = torch.cat([ids[r, p : length[r]], targets[r, length[r] - 1 : length[r]]])
+        exact += int(p + n <= L and torch.equal(out[r, p : p + n], ref))
+    return {"accuracy": correct / max(B, 1), "exact": exact / max(B, 1),
+            "correct": float(correct), "exact_count": float(exact), "count": float(B)}
+
+
+
+@dataclass
+class ArithmeticConfig(GeneratedTaskConfig):
+    """`task.*` of `task=arithmetic` (conf/task/arithmetic.yaml says what each key does)."""
+
+    name: str = "arithmetic"
+    operators: int = 4  # N: training mixes 1..N operators (share proportional to the count)
+    direct: bool = False  # True: `expression = answer`, no chain of thought
+    test_offsets: list[int] = field(default_factory=lambda: [1, 2, 3])
+    bos_segment: bool = False  # True: <bos> is a segment of its own
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("task.operators", self.operators, 1, MAX_OPERATORS)
+        for key in ("direct", "bos_segment"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"task.{key}={getattr(self, key)!r} must be true or false")
+        self.test_offsets = check_int_list("task.test_offsets", self.test_offsets, 1)
+        top = self.operators + max(self.test_offsets)
+        if top > MAX_OPERATORS:
+            raise ConfigError(f"task.operators + max(task.test_offsets) = {top} operators; at "
+                              f"most {MAX_OPERATORS} (a chain grows with the square of the count)")
+
+
+@register
+class ArithmeticTask(GeneratedTask):
+    """Chain-of-thought (or direct) arithmetic mod 11 (module docstring), final-answer accuracy
+    by greedy KV-cached decoding."""
+
+    name = "arithmetic"
+    config = ArithmeticConfig
+    main_metric = "accuracy"
+    vocab = VOCAB
+    pad_id, bos_id, eod_id = PAD_ID, BOS_ID, EOS_ID
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.operators: int = self.cfg.operators
+        self.direct: bool = self.cfg.direct
+        self.bos_segment: bool = self.cfg.bos_segment
+        self.eval_operators = [self.operators] + [self.operators + o
+                                                  for o in self.cfg.test_offsets]
+
+    def _draw(self, n_ops: int, rng: random.Random) -> EncodedExample:
+        return encode(make_example(n_ops, rng, self.direct), self.bos_segment)
+
+    def train_example(self, rng: random.Random) -> EncodedExample:
+        """One training example: 1..N operators, share proportional to the count."""
+        return self._draw(sample_operator_count(self.operators, rng), rng)
+
+    def eval_settings(self) -> list[EvalSetting]:
+        """In-distribution N, then N + each test offset."""
+        return [EvalSetting(f"ops_{n}", lambda rng, n=n: self._draw(n, rng))
+                for n in self.eval_operators]
+
+    def key(self, example: EncodedExample) -> tuple[int, ...]:
+        """What makes two examples the same question: the prompt (chains may differ)."""
+        return example.ids[: example.extras["prompt_len"]]
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers: bounds over training and evaluation, expected segments per sequence."""
+        n = self.operators
+        weights = range(1, n + 1)
+        # the question + one per step (+ <bos> alone with bos_segment)
+        segments = [(2 if self.direct else k + 1) + self.bos_segment for k in weights]
+        top = max(self.eval_operators)
+        return {
+            "operators": n,
+            "max_segments_per_block": max(segments),
+            "segments_per_block_mean": round(
+                sum(w * s for w, s in zip(weights, segments, strict=True)) / sum(weights), 3),
+            "max_input_length": input_length_bound(n, self.direct),
+            "max_segment_length": segment_length_bound(n),
+            "eval_max_input_length": input_length_bound(top, self.direct),
+            "eval_max_segment_length": segment_length_bound(top),
+        }
+
+    def score(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        return arithmetic_accuracy(model, batch)
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.synthetic.arithmetic",
+        prog="python -m tasks.arithmetic",
         description="Print chain-of-thought arithmetic examples (mod 11), one a line.",
     )
     parser.add_argument("--operators", type=int, required=True, help="operators per question")

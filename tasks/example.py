@@ -1,7 +1,7 @@
 """One tokenized training/evaluation sequence of a synthetic task, before batching.
 
 Both tasks produce an `EncodedExample`: the full token sequence plus, per token, its boundary flag
-and whether it is scored as a target. Batching (`tasks.synthetic.datamodule.collate`) shifts it into
+and whether it is scored as a target. Batching (`tasks.generated.collate`) shifts it into
 `input_ids = ids[:-1]`, `targets = ids[1:]` (-100 where not scored), `boundary = flags[:-1]`.
 Kept free of torch so the command-line generators start fast.
 """

@@ -1,4 +1,4 @@
-"""SyntheticDataModule: the arithmetic and Bi-NFA tasks behind the LMDataModule interface.
+"""SyntheticDataModule: generated tasks (arithmetic, Bi-NFA) behind the LMDataModule interface.
 
 Same surface as `data.LMDataModule` (`tokenizer`, `eod_id`, `stats`, `start_batch`, an infinite
 deterministic `train_dataloader()`), plus `pad_id`, `val_names` and `score(model, batch)`.
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from bipe.errors import ConfigError
-from data.datamodule import BatchStream, trainer_layout
+from data.batches import BatchStream, trainer_layout
+from tasks.example import IGNORE_INDEX, EncodedExample
 
-from .example import IGNORE_INDEX, EncodedExample
-from .metrics import arithmetic_accuracy, bi_nfa_accuracy
-from .tasks import ArithmeticTask, BiNFATask, make_task
+if TYPE_CHECKING:
+    from tasks.base import GeneratedTask
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,12 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, Tensor
     return batch
 
 
-class TrainBatches(BatchStream):
+class ExampleBatches(BatchStream):
     """Infinite stream of training batches; batch k depends only on (seed, k)."""
 
     batch_size_key = "task.batch_size"
 
-    def __init__(self, task: ArithmeticTask | BiNFATask, batch_size: int, seed: int,
+    def __init__(self, task: GeneratedTask, batch_size: int, seed: int,
                  held_out: frozenset[tuple[int, ...]], start_batch: int = 0) -> None:
         self.task = task
         self.batch_size = batch_size
@@ -124,13 +124,18 @@ class FixedExamples(Dataset):
 
 
 class SyntheticDataModule(L.LightningDataModule):
-    """Synthetic task data (`task.name` arithmetic | bi_nfa); see the module docstring."""
+    """The data of a generated task (arithmetic, Bi-NFA); see the module docstring."""
 
-    def __init__(self, cfg: Mapping[str, Any], seed: int = 0) -> None:
+    def __init__(self, task: GeneratedTask, seed: int = 0) -> None:
+        """`task`: a generated task (`tasks.get_task("arithmetic")(cfg)`)."""
         super().__init__()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed={seed!r} must be a non-negative integer")
-        self.task, self.cfg = make_task(cfg)
+        if not hasattr(task, "train_example"):
+            raise ConfigError(f"task.name={task.name!r} does not generate its examples; a "
+                              "generated task (arithmetic, bi_nfa) is needed here")
+        self.task = task
+        self.cfg = task.plain_config()
         self.seed = seed
         self.start_batch = 0
         self.task_name: str = self.task.name
@@ -183,7 +188,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Infinite, deterministic: batch k = f(seed, k), starting at `self.start_batch`."""
         self.setup()
-        data = TrainBatches(self.task, self.cfg["batch_size"], self.seed, self._held_out,
+        data = ExampleBatches(self.task, self.cfg["batch_size"], self.seed, self._held_out,
                             self.start_batch).shard(*trainer_layout(self))
         workers = self.cfg["num_workers"]
         return DataLoader(data, batch_size=None, num_workers=workers,
@@ -207,6 +212,4 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def score(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
         """The task's metrics on one evaluation batch (sums and counts, to add over batches)."""
-        if self.task_name == "arithmetic":
-            return arithmetic_accuracy(model, batch)
-        return bi_nfa_accuracy(model, batch)
+        return self.task.score(model, batch)

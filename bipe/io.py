@@ -1,0 +1,58 @@
+"""Atomic file writes: a file is either its old self or completely new, never half written.
+
+Every file this project writes that something later reads (checkpoints, saved models, caches,
+results, tuned settings) goes through `atomic_write`: the content goes to a hidden temporary
+file in the same folder, is flushed and fsynced, then `os.replace`d over the target (atomic on
+POSIX and Windows), and the folder is fsynced so the rename survives a crash. A failure (a full
+disk, a read-only folder, Ctrl-C) removes the temporary file and leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a folder so a rename or creation inside it survives a crash (POSIX; else no-op)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call `write(f)` on a temporary binary file beside `path`, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """`text` (UTF-8) written atomically to `path`."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """`data` as indented JSON, written atomically to `path`."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -45,7 +45,7 @@ def _dynamic(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | No
     return _base_inv_freq(head_dim, base * ntk ** (head_dim / (head_dim - 2))), 1.0
 
 
-def _yarn_correction_dim(rotations: float, head_dim: int, base: float, length: int) -> float:
+def yarn_correction_dim(rotations: float, head_dim: int, base: float, length: int) -> float:
     """Index of the frequency pair that turns `rotations` times within `length` tokens."""
     return head_dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -53,9 +53,11 @@ def _yarn_correction_dim(rotations: float, head_dim: int, base: float, length: i
 def yarn_ramp_range(head_dim: int, base: float, original: int, beta_fast: float = 32.0,
                     beta_slow: float = 1.0) -> tuple[int, int]:
     """Frequency pairs `[low, high]` over which YaRN ramps from keeping to interpolating."""
-    low = math.floor(_yarn_correction_dim(beta_fast, head_dim, base, original))
-    high = math.ceil(_yarn_correction_dim(beta_slow, head_dim, base, original))
-    return max(low, 0), min(high, head_dim // 2 - 1)
+    low = math.floor(yarn_correction_dim(beta_fast, head_dim, base, original))
+    high = math.ceil(yarn_correction_dim(beta_slow, head_dim, base, original))
+    # Clamped to [0, D - 1] as in the YaRN reference code and Hugging Face (not D/2 - 1): the
+    # same ramp wherever it ends inside the pairs, and equal frequencies where it does not.
+    return max(low, 0), min(high, head_dim - 1)
 
 
 def _yarn(head_dim: int, base: float, s: Mapping[str, Any], seq_len: int | None):

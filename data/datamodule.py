@@ -21,11 +21,6 @@ every batch has the same shape [B, T] and every token is scored exactly once. On
 holds padding and it always holds at least one real block; average the loss over scored tokens
 (targets != -100), not over batches.
 
-`eval_dataset(split, length)` gives full non-overlapping blocks of `length` inputs (no padding
-by default, so every scored token has its full left context within the block) for the
-perplexity-vs-length evaluation; `clipped_intra_tokens` counts, over the same blocks, the tokens
-whose intra-segment index reaches `max_intra` (where a learned intra table clips).
-
 Cache key = hash of: source fingerprint (cheap: package version and file sizes/mtimes, or the hub
 dataset identity and caps), segmenter identity (name, options, rule version), tokenizer identity
 (the given tokenizer.json's content hash, or "trained BPE, vocab size, training version", since a
@@ -59,7 +54,6 @@ from .packing import (
     cache_key,
     file_checksum,
     ids_dtype,
-    intra_positions,
     load_or_build,
     segment_lengths,
     segment_stats,
@@ -366,35 +360,3 @@ class LMDataModule(L.LightningDataModule):
             self.setup()
         assert self.eod_id is not None
         return self.eod_id
-
-    def eval_dataset(self, split: str, length: int, pad_last: bool = False) -> BlockDataset:
-        """Non-overlapping blocks of `length` inputs (+1 target token) over a split."""
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ConfigError(f"evaluation length={length!r} must be a positive integer")
-        ds = BlockDataset(self._stream(split), length, self._eod(), pad_last=pad_last)
-        if len(ds) == 0:
-            log.warning(
-                "the %s split has %d tokens, fewer than one block of %d + 1; no blocks at this "
-                "length", canonical_split(split), len(ds.stream), length,
-            )
-        return ds
-
-    def clipped_intra_tokens(self, split: str, length: int, max_intra: int,
-                             pad_last: bool = False) -> int:
-        """Count tokens of eval_dataset(split, length) whose intra index (restarting at every
-        block, as the model computes it) is >= max_intra, i.e. would clip in the intra table."""
-        if isinstance(max_intra, bool) or not isinstance(max_intra, int) or max_intra < 1:
-            raise ConfigError(f"max_intra={max_intra!r} must be a positive integer")
-        ds = self.eval_dataset(split, length, pad_last=pad_last)
-        boundary = ds.stream.boundary
-        total = 0
-        rows = max(1, (4 << 20) // length)  # bound the [rows, length] int64 temporaries
-        for a in range(0, ds.full_blocks, rows):
-            b = min(ds.full_blocks, a + rows)
-            blocks = np.asarray(boundary[a * length : b * length]).reshape(b - a, length)
-            total += int((intra_positions(blocks) >= max_intra).sum())
-        if ds.tail:
-            a = ds.full_blocks * length
-            tail = np.asarray(boundary[a : a + ds.tail]).reshape(1, ds.tail)
-            total += int((intra_positions(tail) >= max_intra).sum())
-        return total

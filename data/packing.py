@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bipe.errors import DataError
+from bipe.io import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ def file_checksum(path: Path, size: int) -> str:
                 f.seek(int(i * step))
                 h.update(f.read(SAMPLE_BYTES))
     return ("full:" if size <= FULL_HASH_LIMIT else "sampled:") + h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename/creation inside it survives a crash (POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class SplitWriter:
@@ -271,9 +258,9 @@ def load_or_build(root: Path, name: str, key: str, material: dict[str, Any],
                 json.dump(meta, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -330,15 +317,3 @@ def segments_per_block(boundary: np.ndarray, block_size: int) -> np.ndarray:
         view = np.asarray(boundary[a * t : b * t]).reshape(b - a, t)
         out[a:b] = view[:, : t - 1].sum(axis=1, dtype=np.int64) + 1
     return out
-
-
-def intra_positions(boundary_blocks: np.ndarray) -> np.ndarray:
-    """int64 [n, T]: intra-segment index per token, restarting at each row (as the model does)."""
-    n, t = boundary_blocks.shape
-    pos = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t))
-    starts_seg = np.zeros((n, t), dtype=bool)
-    starts_seg[:, 0] = True
-    starts_seg[:, 1:] = boundary_blocks[:, :-1]
-    seg_start = np.where(starts_seg, pos, 0)
-    np.maximum.accumulate(seg_start, axis=1, out=seg_start)
-    return pos - seg_start

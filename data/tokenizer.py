@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bipe.errors import DataError
+from bipe.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +113,7 @@ def train_or_load_cached(texts: Sequence[str], vocab_size: int, cache_root: str,
             log.warning("cached tokenizer %s is unreadable (%s); retraining", path, e)
     log.info("training byte-level BPE (vocab %d) on %d documents", vocab_size, len(texts))
     tok = train_bpe(texts, vocab_size, eod_token)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tok.to_str())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, tok.to_str())
     return tok
 
 

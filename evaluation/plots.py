@@ -12,7 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from bipe.io import atomic_write  # noqa: E402
 from evaluation.stats import Spread  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    """Write the figure as PNG atomically (`bipe.io.atomic_write`) and close it."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def as_spread(value: Spread | float) -> Spread:
@@ -79,8 +88,7 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
@@ -101,8 +109,7 @@ def plot_nll_by_position(curves: dict[str, np.ndarray], train_length: int | None
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
@@ -122,8 +129,7 @@ def plot_passkey_heatmap(rows: list[dict], path: str | Path, title: str) -> Path
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
@@ -151,6 +157,5 @@ def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, Spread |
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)

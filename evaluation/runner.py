@@ -1,21 +1,18 @@
-"""`eval.py`'s work: load checkpoints, build evaluation streams, measure, write the outputs.
+"""`eval.py`'s work: the checks, then each stage (perplexity, passkey, generation), the outputs.
 
 Each checkpoint carries its model config, tokenizer and data statistics, so nothing else is
-needed. A dataset is `train` (the checkpoint's own corpus, test split) or the name of a
-`conf/data/*.yaml` corpus, tokenized with the checkpoint's tokenizer and segmented by that
-corpus's own segmenter. Every length scores the same first `max_tokens` tokens of a stream, so
+needed (`evaluation.checkpoints`); a dataset is the checkpoint's own corpus or another one
+(`evaluation.streams`). Every length scores the same first `max_tokens` tokens of a stream, so
 the rows of one dataset are comparable.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,198 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 from bipe.attention import AttentionOptions, LMInfinite
 from bipe.errors import BipeError, ConfigError, first_line
 from bipe.io import atomic_write_json, atomic_write_text
-from data import LMDataModule
+from evaluation.checkpoints import LoadedModel, load_models
 from evaluation.config import validate_eval_config
 from evaluation.generation_quality import generation_quality
 from evaluation.passkey import passkey_accuracy
 from evaluation.perplexity import format_ppl_table, perplexity_rows, summarize_ppl
 from evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
 from evaluation.stats import Spread
-from evaluation.sweeps import Cell, read_overrides, varying_keys
+from evaluation.streams import load_stream
 from evaluation.wandb_runs import resolve_mode, sweep_group
-from models.checkpoint import (
-    build_model_from_checkpoint,
-    relative_training_range,
-    resolve_checkpoint_path,
-    with_scaling,
-)
+from models.checkpoint import relative_training_range
 
 log = logging.getLogger(__name__)
-
-CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
-
-
-@dataclass
-class LoadedModel:
-    """One checkpoint ready to evaluate. `label` is unique; `group` names its cell: checkpoints
-    that share a group (the seeds of one sweep cell, or equal `labels=`) are summarised together
-    as mean and 95% interval."""
-
-    label: str
-    path: Path
-    model: torch.nn.Module
-    tokenizer: Any
-    meta: dict[str, Any]
-    train_length: int
-    streams: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = field(default_factory=dict)
-    group: str = ""
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        self.group = self.group or self.label
-
-    @property
-    def pe_name(self) -> str:
-        return self.meta["model_config"]["pe"].get("name", "custom")
-
-    @property
-    def has_relative(self) -> bool:
-        return self.model.config.pe.relative.type != "none"
-
-
-def find_checkpoints(cfg: DictConfig) -> list[Path]:
-    """`ckpt_path` (or `ckpt`), `ckpts`, and every run folder's checkpoint under `sweep_dir`
-    (its newest of last.ckpt and interrupted.ckpt)."""
-    one = cfg.get("ckpt_path") or cfg.get("ckpt")
-    key = "ckpt_path" if cfg.get("ckpt_path") else "ckpt"
-    named = [(key, p) for p in ([one] if one else [])] + [("ckpts", p) for p in cfg.ckpts or []]
-    out = [resolve_checkpoint_path(p, key=k) for k, p in named]
-    if cfg.sweep_dir:
-        sweep = Path(cfg.sweep_dir)
-        if not sweep.is_dir():
-            raise ConfigError(f"sweep_dir={sweep} is not a folder")
-        runs = sorted({p.parent.parent for pattern in ("last.ckpt", "interrupted.ckpt")
-                       for p in sweep.glob(f"**/checkpoints/{pattern}")})
-        if not runs:
-            raise ConfigError(f"sweep_dir={sweep} holds no */checkpoints/last.ckpt; train first "
-                              "or pass ckpt_path=PATH")
-        out += [resolve_checkpoint_path(run, key="sweep_dir") for run in runs]
-    if not out:
-        raise ConfigError("nothing to evaluate: pass ckpt_path=PATH, ckpts=[A,B] or "
-                          "sweep_dir=DIR")
-    return out
-
-
-def _job_dir(path: Path) -> Path:
-    """The run folder of `<run>/checkpoints/<name>.ckpt` (or the file's own folder)."""
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def group_labels(paths: list[Path], metas: list[dict[str, Any]],
-                 labels: list[str]) -> list[tuple[str, str]]:
-    """`(label, group)` per checkpoint. The group is `labels[i]` when given, else the encoding's
-    name plus the sweep settings that differ between the checkpoints (from each run folder's
-    `.hydra/overrides.yaml`), the seed left out; the label adds `#s<seed>` (or the folder) to
-    tell the members of a group apart."""
-    cells = [Cell.of(read_overrides(_job_dir(p)), drop=["pe"]) for p in paths]
-    keys = varying_keys(cells)
-    groups = []
-    for i, (meta, cell) in enumerate(zip(metas, cells, strict=True)):
-        if i < len(labels):
-            groups.append(labels[i])
-            continue
-        extra = cell.label(keys)
-        name = meta["model_config"]["pe"].get("name", "model")
-        groups.append(f"{name},{extra}" if extra else name)
-    seeds = [meta.get("run_config", {}).get("seed") for meta in metas]
-    out, taken = [], set()
-    for i, group in enumerate(groups):
-        members = [j for j, g in enumerate(groups) if g == group]
-        member_seeds = [seeds[j] for j in members]
-        replicates = len(members) > 1 and None not in member_seeds and \
-            len(set(member_seeds)) == len(members)
-        label = f"{group}#s{seeds[i]}" if replicates else group
-        while label in taken:  # not seeds of one cell: each its own, told apart by folder
-            label = f"{label}:{_job_dir(paths[i]).name}"
-        taken.add(label)
-        out.append((label, group if replicates else label))
-    return out
-
-
-def _scaling_label(scaling: dict[str, Any]) -> str:
-    factor = scaling.get("factor")
-    return f"{scaling['type']}{'' if factor is None else f'{factor:g}'}"
-
-
-def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
-    """Every checkpoint, as saved; with `eval.rope_scaling`, each rotary checkpoint that carries
-    no scaling of its own is also loaded scaled (label `<name>+yarn4`), so base, scaled-only and
-    fine-tuned models compare in one evaluation. `original_max_position: null` is each
-    checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
-    scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
-        if cfg.eval.get("rope_scaling") else None
-    paths = find_checkpoints(cfg)
-    built = [build_model_from_checkpoint(path) for path in paths]
-    names = group_labels(paths, [meta for _, _, meta in built], list(cfg.labels or []))
-    loaded = []
-    for path, (model, tokenizer, meta), (label, group) in zip(paths, built, names, strict=True):
-        train_length = int(meta["run_config"]["data"]["block_size"])
-        seed = meta.get("run_config", {}).get("seed")
-        loaded.append(LoadedModel(label, path, model.to(device), tokenizer, meta, train_length,
-                                  group=group, seed=seed))
-        relative = meta["model_config"]["pe"]["relative"]
-        if scaling is None or relative["type"] != "rope" or relative.get("scaling"):
-            continue
-        scaled = with_scaling(meta, scaling, key="eval.rope_scaling")
-
-        def hook(config: dict, scaled: dict = scaled) -> dict:
-            pe = config["pe"]
-            return {**config, "pe": {**pe, "relative": {**pe["relative"], "scaling": scaled}}}
-
-        model, tokenizer, scaled_meta = build_model_from_checkpoint(path, model_config_hook=hook)
-        tag = f"+{_scaling_label(scaled)}"
-        loaded.append(LoadedModel(f"{label}{tag}", path, model.to(device), tokenizer,
-                                  scaled_meta, train_length, group=f"{group}{tag}", seed=seed))
-    return loaded
-
-
-def _tokenizer_file(tokenizer_json: str, cache_dir: Path) -> Path:
-    """The checkpoint's tokenizer as a file (content-addressed, written atomically)."""
-    digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
-    path = cache_dir / "tokenizers" / f"ckpt-{digest}.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(tokenizer_json)
-        os.replace(tmp, path)
-    return path
-
-
-def _data_config(name: str, lm: LoadedModel, cache_dir: Path) -> dict[str, Any]:
-    if name == "train":
-        data = dict(lm.meta["run_config"]["data"])
-    else:
-        file = CONF_DATA / f"{name}.yaml"
-        if not file.is_file():
-            valid = ["train"] + sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
-            raise ConfigError(f"eval.datasets has {name!r}, which is not a corpus; choose from "
-                              f"{valid}")
-        raw = OmegaConf.load(file)
-        raw.cache_dir = str(cache_dir)
-        data = OmegaConf.to_container(raw, resolve=True)
-    data["cache_dir"] = str(cache_dir)
-    # The checkpoint's tokenizer, and its end-of-document token (e.g. `</s>` for LLaMA).
-    own = lm.meta["run_config"]["data"].get("tokenizer", {})
-    data["tokenizer"] = {**data.get("tokenizer", {}),
-                         "path": str(_tokenizer_file(lm.meta["tokenizer"], cache_dir))}
-    if own.get("eod_token"):
-        data["tokenizer"]["eod_token"] = own["eod_token"]
-    return data
-
-
-def load_stream(lm: LoadedModel, name: str, split: str, max_tokens: int | None,
-                cache_dir: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """`(ids, boundary, separator_ids)` of a dataset's split, the first `max_tokens + 1` tokens."""
-    key = f"{name}:{split}"
-    if key not in lm.streams:
-        dm = LMDataModule(_data_config(name, lm, cache_dir), seed=0)
-        dm.setup("test")
-        ids, boundary = dm.split_arrays(split)
-        n = len(ids) if max_tokens is None else min(len(ids), max_tokens + 1)
-        lm.streams[key] = (np.asarray(ids[:n]), np.asarray(boundary[:n], dtype=bool),
-                           list(dm.separator_ids))
-    return lm.streams[key]
-
 
 def resolve_lengths(values: list[int | float], unit: str, train_length: int) -> list[int]:
     if unit == "multiple":

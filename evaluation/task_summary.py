@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, DataError
+from bipe.io import atomic_write_text
 from evaluation.plots import plot_accuracy_vs_hidden
 from evaluation.stats import Spread
 from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
@@ -168,26 +169,22 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, task: str, metric: 
     names = {"csv": f"summary{suffix}.csv", "md": f"summary{suffix}.md",
              "png": f"accuracy_vs_hidden{suffix}.png"}
     files = {name: out / name for name in names.values()}
-    tmp = out / f"{names['csv']}.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, files[names["csv"]])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(files[names["csv"]], text.getvalue())
     table = format_summary(rows, f"{task}: test {metric} by encoding and hidden size",
                            average=task == "scrolls")
-    (out / f"{names['md']}.tmp").write_text(table + "\n")
-    os.replace(out / f"{names['md']}.tmp", files[names["md"]])
+    atomic_write_text(files[names["md"]], table + "\n")
     panels: dict[str, dict[str, list[tuple[int, Spread]]]] = {}
     for r in rows:
         label = r["pe"] + (f" {r['variant']}" if r.get("variant") else "")
         panels.setdefault(r["setting"], {}).setdefault(label, []).append(
             (r["hidden_size"], Spread(r["mean"], r["std"], r["ci95"], r["seeds"], r["min"],
                                       r["max"])))
-    tmp_png = out / f"{names['png']}.tmp.png"
-    plot_accuracy_vs_hidden(panels, tmp_png, metric=metric,
+    plot_accuracy_vs_hidden(panels, files[names["png"]], metric=metric,
                             title=f"{task}: test {metric} against hidden size")
-    os.replace(tmp_png, files[names["png"]])
     return files
 
 

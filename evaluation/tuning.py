@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from bipe.errors import BipeError, DataError
+from bipe.io import atomic_write_text
 from evaluation.stats import Spread
 from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
 
@@ -137,16 +138,13 @@ def write_tuned(out: Path, sweep_dir: Path, metric: str,
         pe = r.cell.get("pe")
         grid = ", ".join(f"{lr:g}: {s.mean:.4g}" for lr, s in r.by_lr.items())
         seeds = sorted({s.n for s in r.by_lr.values()})
-        path = out / f"{pe}.yaml"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(
+        path = atomic_write_text(out / f"{pe}.yaml",
             "# @package _global_\n"
             f"# Tuned by `python -m evaluation.tuning {sweep_dir}`:\n"
             f"# {metric} ({'lower' if minimise(metric) else 'higher'} is better) at each lr, "
             f"{'/'.join(map(str, seeds))} seed(s):\n# {grid}\n"
             + ("# The best is on the edge of the grid.\n" if r.at_edge else "")
             + f"optim:\n  lr: {r.best_lr:g}\n")
-        tmp.replace(path)
         written.append(path)
     return written
 

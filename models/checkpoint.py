@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from bipe.config import HF_SCALING_KEYS, normalize_scaling
 from bipe.errors import CheckpointError, ConfigError, first_line
-from models.transformer import ModelConfig, Transformer
+from bipe.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,9 @@ def to_plain(obj: Any, key: str = "value") -> Any:
     raise TypeError(f"{key}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """`torch.save(obj, path)` via a same-folder temp file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: persist the rename itself
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)`, atomically (`bipe.io.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") -> Path:
@@ -130,31 +114,8 @@ def load_weights(model: nn.Module, ckpt: Mapping[str, Any], path: str | os.PathL
             raise CheckpointError(
                 f"init_from={path}: {name} has shape {list(tensor.shape)} in the checkpoint but "
                 f"{list(own[name].shape)} in this model; match its model.* / pe.* sizes "
-                "(see its config with build_model_from_checkpoint)")
+                "(see its config with Transformer.from_pretrained)")
     model.load_state_dict(state)
-
-
-def build_model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
-                                model_config_hook: Callable[[dict], dict] | None = None
-                                ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Rebuild `(model, tokenizer, meta)` from a checkpoint alone; the model is in eval mode.
-
-    `meta` is the checkpoint's `"bipe"` entry (model_config, tokenizer, data_stats, run_config,
-    global_step). `model_config_hook` may edit the model config dict first, e.g. to set RoPE
-    scaling for evaluation at a longer length.
-    """
-    from tokenizers import Tokenizer  # lazy: the format's readers need no tokenizer
-
-    ckpt = load_checkpoint(path, map_location=map_location)
-    meta = ckpt[CHECKPOINT_KEY]
-    config_dict = dict(meta["model_config"])
-    if model_config_hook is not None:
-        config_dict = model_config_hook(config_dict)
-    model = Transformer(ModelConfig.from_dict(config_dict))
-    model.load_state_dict(model_state_dict(ckpt))
-    model.eval()
-    tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    return model, tokenizer, meta
 
 
 def relative_training_range(meta: Mapping[str, Any]) -> int:

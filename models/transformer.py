@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bipe.attention import AttentionContext, AttentionOptions
-from bipe.encoding import PositionalEncoding, Positions
+from bipe.encoding import PositionalEncoding
 from bipe.rope import apply_rotary
 from models.config import ModelConfig
+from models.pretrained import PretrainedMixin
 
 
 class Attention(nn.Module):
@@ -70,8 +71,9 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-class Transformer(nn.Module):
-    """Decoder-only LM. `forward(input_ids, boundary)` -> logits `[B, T, vocab]`."""
+class Transformer(nn.Module, PretrainedMixin):
+    """Decoder-only LM. `forward(input_ids, boundary)` -> logits `[B, T, vocab]`;
+    `Transformer.from_pretrained(path)` / `model.save_pretrained(folder)` (`models.pretrained`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -96,20 +98,14 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if non_embedding else n
 
     def forward(self, input_ids: Tensor, boundary: Tensor | None = None, *,
-                cache: Any = None, positions: Positions | None = None) -> Tensor:
+                cache: Any = None) -> Tensor:
         """`input_ids` long `[B, T]`, `boundary` bool `[B, T]` (True = last token of a segment;
         None = no segments) -> logits `[B, T, vocab]`. With a `models.generation.KVCache` the
-        tokens continue the cached sequence, and the cache is updated in place. `positions`
-        overrides the ids derived from `boundary` (e.g. to shift them), without a cache."""
+        tokens continue the cached sequence, and the cache is updated in place."""
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
-        if positions is not None:
-            if cache is not None:
-                raise ValueError("pass either positions or cache, not both")
-            pos = positions
-        else:
-            start = None if cache is None else cache.bilevel_start(B, input_ids.device)
-            pos = self.pe.positions(boundary, B, T, past, start, device=input_ids.device)
+        start = None if cache is None else cache.bilevel_start(B, input_ids.device)
+        pos = self.pe.positions(boundary, B, T, past, start, device=input_ids.device)
         q_pos = self.pe.relative_positions(pos)
         if q_pos is None and self.attention.lm_infinite is not None:
             q_pos = pos.token  # no relative part: Lambda masks by token index only

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bipe.errors import ConfigError
+from bipe.io import atomic_write_text
 from data.config import DataConfig
 from tasks.base import Task, TaskConfig, register
 
@@ -62,9 +63,7 @@ class LanguageModelling(Task):
             raise ConfigError(f"data.tokenizer.path={data_cfg['tokenizer']['path']} differs from "
                               "the tokenizer of the checkpoint this run starts from; set it to "
                               "null to use the checkpoint's tokenizer")
-        path = output_dir / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(tokenizer_json)
+        path = atomic_write_text(output_dir / "tokenizer.json", tokenizer_json)
         log.warning("data=%s trains a different tokenizer than the checkpoint's; re-packing the "
                     "data with the checkpoint's tokenizer (%s)", data_cfg["name"], path)
         data_cfg["tokenizer"] = {**data_cfg["tokenizer"], "path": str(path)}

@@ -23,10 +23,10 @@ from bipe.alibi import alibi_slopes  # noqa: E402
 from bipe.errors import CheckpointError  # noqa: E402
 from bipe.positions import boundaries_from_separators  # noqa: E402
 from models import Transformer  # noqa: E402
-from models.convert_hf import (  # noqa: E402
+from models.convert_hf import main  # noqa: E402
+from models.hf_llama import (  # noqa: E402
     INTRA_TABLE_KEY,
     convert_llama_state_dict,
-    main,
     to_llama_state_dict,
 )
 
@@ -185,11 +185,16 @@ def test_bipe_rope_one_token_segments_is_rope(hf, hf_dict, intra_table, ids):
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+     "beta_slow": 0.01},  # a ramp that ends past the last frequency pair: clamped as HF does
+    {"rope_type": "dynamic", "factor": 2.0},  # max_position_embeddings is the original length
 ])
 @torch.no_grad()
 def test_rope_scaling_matches_hf(hf, ids, scaling):
-    """Linear (PI) and YaRN scaling in config.json map onto pe.relative.scaling exactly."""
-    cfg = _hf_config(rope_parameters={**scaling, "rope_theta": 10000.0})
+    """Linear (PI), YaRN and dynamic NTK scaling in config.json map onto pe.relative.scaling
+    exactly (dynamic: the 40-token input is longer than its 16-token original, so it scales)."""
+    short = {"max_position_embeddings": 16} if scaling["rope_type"] == "dynamic" else {}
+    cfg = _hf_config(rope_parameters={**scaling, "rope_theta": 10000.0}, **short)
     scaled = _hf_model(cfg, hf.state_dict())
     ours = _ours(hf.state_dict(), json.loads(cfg.to_json_string()), "rope")
     assert ours.config.pe.relative.scaling["type"] == scaling["rope_type"]
@@ -255,8 +260,9 @@ def _tokenizer_file(folder: Path) -> Path:
 
 @torch.no_grad()
 def test_cli_writes_loadable_checkpoint(hf, hf_dict, intra_table, ids, tmp_path, capsys):
-    """The command writes our format; build_model_from_checkpoint gives the same logits."""
-    from models.checkpoint import build_model_from_checkpoint, load_checkpoint
+    """The command writes our format; Transformer.from_pretrained gives the same logits."""
+    from models import Transformer
+    from models.checkpoint import load_checkpoint
 
     src = tmp_path / "bipe_rope_hf"
     src.mkdir()
@@ -270,7 +276,8 @@ def test_cli_writes_loadable_checkpoint(hf, hf_dict, intra_table, ids, tmp_path,
     assert code == 0, capsys.readouterr().err
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temp file
 
-    model, tokenizer, meta = build_model_from_checkpoint(out)
+    model = Transformer.from_pretrained(out)
+    tokenizer, meta = model.tokenizer, model.meta
     boundary = boundaries_from_separators(ids, SEPARATORS)
     torch.testing.assert_close(model(ids, boundary),
                                _released_logits(hf, ids, "bipe_rope", intra_table),
@@ -331,8 +338,6 @@ def _one_line_error(state: dict, config: dict, pe: str) -> str:
     ({"hidden_act": "gelu"}, "rope", "hidden_act"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "rope",
      "llama3"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope",
-     "dynamic"),
     ({"rpe_type": "alibi"}, "rope", "rpe_type"),
     ({"log_scale": True}, "alibi", "log_scale"),
     ({"model_type": "mistral"}, "rope", "model_type"),

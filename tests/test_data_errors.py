@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bipe.positions import bilevel_ids
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bipe.errors import ConfigError, DataError  # noqa: E402
@@ -148,7 +150,10 @@ def test_megabyte_document_without_boundary(tmp_path):
     assert s["segments_longer_than_block"] == 1 and s["max_segments_per_block"] == 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (2, 64)
-    assert dm.clipped_intra_tokens("train", 64, 16) == s["train_blocks"] * (64 - 16)
+    # One segment spans every block: the intra index runs 0..63 in each (a table of 16 rows
+    # clips the last 48 tokens of every block).
+    intra, inter = bilevel_ids(batch["boundary"])
+    assert int((intra >= 16).sum()) == 2 * (64 - 16) and int(inter.max()) == 0
 
 
 @pytest.mark.parametrize("name", ["pg19", "pile"])

@@ -11,7 +11,6 @@ import torch
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from data import LMDataModule  # noqa: E402
-from data.packing import intra_positions  # noqa: E402
 
 WORDS = ["the", "king", "is", "dead", "long", "live", "queen", "of", "all", "things", "that",
          "were", "and", "are"]
@@ -146,35 +145,6 @@ def test_val_batches_same_shape_and_every_token_scored_once(tmp_path):
     assert torch.cat(inputs).tolist() == ids[:-1].astype(np.int64).tolist()
     assert torch.cat(flags).tolist() == boundary[:-1].tolist()
     assert len(list(dm.test_dataloader())) >= 1
-
-
-def test_eval_dataset_and_clipped_intra_tokens(tmp_path):
-    dm = ready(make_cfg(tmp_path, segmenter="none"))  # long segments: documents
-    ids, boundary = dm.split_arrays("train")
-    length = 40
-    ds = dm.eval_dataset("train", length)
-    assert len(ds) == (len(ids) - 1) // length
-    item = ds[2]
-    assert item["input_ids"].tolist() == ids[80:120].astype(np.int64).tolist()
-    assert item["targets"].tolist() == ids[81:121].astype(np.int64).tolist()
-    for max_intra in (1, 5, 17, 40):
-        brute = 0
-        for i in range(len(ds)):
-            intra = 0
-            for t in range(length):
-                if t > 0 and boundary[i * length + t - 1]:
-                    intra = 0
-                elif t > 0:
-                    intra += 1
-                brute += intra >= max_intra
-        assert dm.clipped_intra_tokens("train", length, max_intra) == brute
-    assert dm.clipped_intra_tokens("validation", length, 1) > 0
-
-
-def test_intra_positions_worked_example():
-    # PAPERS.md: a b c| d e f g| h i| | k  ->  intra 0 1 2 0 1 2 3 0 1 0 0
-    flags = np.array([[0, 0, 1, 0, 0, 0, 1, 0, 1, 1, 0]], dtype=bool)
-    assert intra_positions(flags)[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 0]
 
 
 def test_stats_on_hand_made_corpus(tmp_path):

@@ -37,13 +37,17 @@ def two_runs(tmp_path_factory, corpus, cache_dir):
 def test_eval_writes_every_output_and_matches_a_hand_computed_block(two_runs, cache_dir,
                                                                     tmp_path):
     from eval import evaluate
-    from evaluation import runner
-    from models.checkpoint import build_model_from_checkpoint
+    from evaluation.checkpoints import LoadedModel
+    from evaluation.streams import load_stream
+    from models import Transformer
 
     out = tmp_path / "eval"
     cfg = compose_eval([f"sweep_dir={two_runs}", "eval.max_tokens=32", "eval.lengths=[1,2]",
                         "eval.datasets=[train]", "eval.lm_infinite.enabled=both"], out, cache_dir)
+    packed = sorted(p.name for p in (Path(cache_dir) / "packed").iterdir() if p.is_dir())
     evaluate(cfg)
+    # The checkpoints' own corpus is read from the cache training built: no second cache.
+    assert sorted(p.name for p in (Path(cache_dir) / "packed").iterdir() if p.is_dir()) == packed
     for name in ("results.json", "ppl_vs_length.csv", "ppl_vs_length.png",
                  "nll_by_position.png"):
         assert (out / name).stat().st_size > 0, name
@@ -55,9 +59,10 @@ def test_eval_writes_every_output_and_matches_a_hand_computed_block(two_runs, ca
         for n in (32, 64)}
     # By hand: the first 32-token block of the test split, scored by the rope checkpoint.
     ckpt = two_runs / "rope" / "checkpoints" / "last.ckpt"
-    model, _, meta = build_model_from_checkpoint(ckpt)
-    lm = runner.LoadedModel("rope", ckpt, model, None, meta, 32)
-    ids, boundary, _ = runner.load_stream(lm, "train", "test", 32, Path(cache_dir))
+    model = Transformer.from_pretrained(ckpt)
+    meta = model.meta
+    lm = LoadedModel("rope", ckpt, model, None, meta, 32)
+    ids, boundary, _ = load_stream(lm, "train", "test", 32, Path(cache_dir))
     x, y = torch.tensor(ids[:32].astype(np.int64)), torch.tensor(ids[1:33].astype(np.int64))
     with torch.no_grad():
         nll = F.cross_entropy(model(x[None], torch.tensor(boundary[:32])[None])[0], y)
@@ -107,7 +112,7 @@ def _seed_rows(values: dict[str, list[float]], lengths=(32, 64)) -> list[dict]:
 
 def test_the_perplexity_table_reports_seeds_with_mean_and_interval():
     """Rows of one group (the seeds of a sweep cell) become `mean ± 95% interval`."""
-    from evaluation.runner import format_ppl_table, summarize_ppl
+    from evaluation.perplexity import format_ppl_table, summarize_ppl
 
     rows = _seed_rows({"rope": [10.0, 12.0, 14.0], "alibi": [20.0]})
     summary = {(r["group"], r["length"]): r for r in summarize_ppl(rows)}
@@ -128,7 +133,7 @@ def test_checkpoints_of_one_sweep_cell_share_a_group_and_others_do_not(tmp_path)
     encoding and seed from elsewhere is not folded into it."""
     import yaml
 
-    from evaluation.runner import group_labels
+    from evaluation.checkpoints import group_labels
 
     paths, metas = [], []
     for n, (pe, seed, hidden) in enumerate([("rope", 0, 32), ("rope", 1, 32), ("rope", 0, 64),

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bipe.errors import ConfigError
-from models.checkpoint import build_model_from_checkpoint, load_checkpoint
+from models import Transformer
+from models.checkpoint import load_checkpoint
 from tests.conftest import CONF
 
 YARN = ["finetune.model_from_checkpoint=true", "finetune.block_size_factor=2",
@@ -21,7 +22,8 @@ def test_yarn_finetune_takes_the_checkpoints_model_and_its_checkpoint_carries_th
     base_meta = load_checkpoint(base / "checkpoints" / "last.ckpt")["bipe"]
     # pe=alibi on the command line: the checkpoint's encoding wins, only the scaling is taken.
     metrics, tuned = run_train(f"yarn_{pe}", f"init_from={base}", "pe=alibi", *YARN)
-    model, _, meta = build_model_from_checkpoint(tuned / "checkpoints" / "last.ckpt")
+    model = Transformer.from_pretrained(tuned / "checkpoints" / "last.ckpt")
+    meta = model.meta
     scaling = meta["model_config"]["pe"]["relative"]["scaling"]
     original = 32 if pe == "rope" else base_meta["data_stats"]["max_segments_per_block"]
     assert meta["model_config"]["pe"]["name"] == pe
@@ -33,7 +35,7 @@ def test_yarn_finetune_takes_the_checkpoints_model_and_its_checkpoint_carries_th
     assert metrics["eval/ppl_1x"] is not None
 
     # eval.py: the base model as saved and YaRN-scaled at inference, the fine-tuned one as saved.
-    from evaluation.runner import load_models
+    from evaluation.checkpoints import load_models
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[

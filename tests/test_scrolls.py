@@ -110,7 +110,7 @@ def write_scrolls(folder, n_train=6, n_val=3):
 
 def test_scrolls_fine_tunes_scores_and_summarises(run_train, tmp_path):
     from evaluation.task_summary import main as summary_main
-    from models.checkpoint import build_model_from_checkpoint
+    from models import Transformer
     from tasks.scrolls_data import ScrollsDataModule
     from train import train
 
@@ -135,7 +135,8 @@ def test_scrolls_fine_tunes_scores_and_summarises(run_train, tmp_path):
         assert row["setting"] == subset and row["count"] == 3  # every validation id
         assert metrics[f"test/{subset}/score"] == row["score"]
         # The reported score is the saved final model's, recomputed by hand here.
-        model, _, meta = build_model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        model = Transformer.from_pretrained(run_dir / "checkpoints" / "last.ckpt")
+        meta = model.meta
         assert meta["model_config"]["pe"]["name"] == "bipe_rope"  # from the pretrained run
         dm = ScrollsDataModule(report["task_config"], meta["tokenizer"],
                                meta["data_stats"]["text_data"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data import LMDataModule
-from models.checkpoint import CHECKPOINT_KEY, build_model_from_checkpoint
+from models import Transformer
+from models.checkpoint import CHECKPOINT_KEY
 from training.module import next_token_loss
 
 ENCODINGS = ["nope", "sinusoidal", "learned", "rope", "alibi", "bipe_rope", "bipe_alibi"]
@@ -31,7 +32,8 @@ def test_each_encoding_trains_and_its_checkpoint_rebuilds_the_model(pe, run_trai
     assert meta["data_stats"]["max_segments_per_block"] >= 1
 
     # The model rebuilt from the checkpoint alone reproduces the run's own 1x perplexity.
-    model, tokenizer, _ = build_model_from_checkpoint(last)
+    model = Transformer.from_pretrained(last)
+    tokenizer = model.tokenizer
     assert model.config.vocab_size == tokenizer.get_vocab_size()
     report = json.loads((run_dir / "length_eval.json").read_text())
     at_1x = report["results"][0]

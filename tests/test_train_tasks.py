@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bipe.errors import ConfigError
-from models.checkpoint import build_model_from_checkpoint
+from models import Transformer
 from tests.conftest import ROOT, compose_train
 from tests.helpers import synthetic_dm
 from training.task_module import TaskScores, evaluate_task, format_task_table
@@ -73,7 +73,8 @@ def test_a_task_run_validates_per_setting_and_reports_what_its_checkpoint_scores
     assert "val/loss" in metrics  # the in-distribution setting's validation loss
 
     # The reported numbers are those of the saved final weights on the test sets.
-    model, tokenizer, meta = build_model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    model = Transformer.from_pretrained(run_dir / "checkpoints" / "last.ckpt")
+    tokenizer, meta = model.tokenizer, model.meta
     assert meta["data_stats"]["max_segments_per_block"] >= 2
     dm = synthetic_dm(report["task_config"], seed=0)
     assert tokenizer.to_str() == dm.tokenizer.to_str()

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from bipe.config import build
 from evaluation.perplexity import format_ppl_table, perplexity_rows
 from models import ModelConfig, Transformer
-from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, to_plain
+from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, load_checkpoint, to_plain
 from training.config import OptimConfig, RunSettings
 from training.schedule import lr_multiplier
 
@@ -149,10 +150,35 @@ class LanguageModel(L.LightningModule):
         }
         self.last_saved_step = self.trainer.global_step
 
+    @classmethod
+    def from_checkpoint_meta(cls, meta: dict[str, Any], **kwargs: Any) -> LanguageModel:
+        """A module like the one that wrote a checkpoint, from its `"bipe"` entry alone."""
+        run = meta.get("run_config") or {}
+        optim = build(OptimConfig, run.get("optim") or {}, "optim")
+        max_steps = int((run.get("trainer") or {}).get("max_steps") or 1)
+        metadata = {k: meta[k] for k in ("tokenizer", "data_stats", "run_config") if k in meta}
+        return cls(ModelConfig.from_dict(meta["model_config"]), optim, max_steps=max_steps,
+                   seed=int(run.get("seed", 0)), metadata=metadata, **kwargs)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Any, map_location: Any = None,
+                             hparams_file: Any = None, strict: bool | None = None,
+                             **kwargs: Any) -> LanguageModel:
+        """The module of one of this project's checkpoints (a `.ckpt` or a run folder), from the
+        checkpoint alone: model, encoding, optimizer settings and metadata come from it; the
+        module is in eval mode. `kwargs` go to the constructor."""
+        ckpt = load_checkpoint(checkpoint_path, key="checkpoint_path",
+                               map_location=map_location or "cpu")
+        module = cls.from_checkpoint_meta(ckpt[CHECKPOINT_KEY], **kwargs)
+        module.load_state_dict(ckpt["state_dict"], strict=True if strict is None else strict)
+        return module.eval()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume the data where the checkpoint left it. The training loader is infinite and
         # deterministic (batch k = f(seed, k)); Lightning builds it after this hook, so setting
         # the start here makes its first batch the one the interrupted run would have drawn next.
+        if self._trainer is None:  # loaded outside a Trainer (load_from_checkpoint)
+            return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "start_batch"):
             dm.start_batch = checkpoint["global_step"] * self.trainer.accumulate_grad_batches

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tasks import get_task
 from tasks.scoring import add_sums, rates
 from training.config import RunSettings
 from training.module import LanguageModel, Report, next_token_loss
@@ -86,6 +87,19 @@ class TaskModel(LanguageModel):
         self.score = score
         self.main_metric = main_metric
         self.scores = TaskScores(self.val_names)
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: dict[str, Any], **kwargs: Any) -> TaskModel:
+        """A TaskModel from a checkpoint's `"bipe"` entry; its task (from the run config) gives
+        the settings, the scorer and the headline metric unless `kwargs` do."""
+        task_cfg = (meta.get("run_config") or {}).get("task") or {}
+        task = get_task(task_cfg.get("name"))(task_cfg)
+        if "val_names" not in kwargs and hasattr(task, "eval_settings"):
+            kwargs["val_names"] = [s.name for s in task.eval_settings()]
+        if "score" not in kwargs and hasattr(task, "score"):
+            kwargs["score"] = task.score
+        kwargs.setdefault("main_metric", task.main_metric)
+        return super().from_checkpoint_meta(meta, **kwargs)
 
     def on_validation_epoch_start(self) -> None:
         self.scores.reset()

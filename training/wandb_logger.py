@@ -5,12 +5,12 @@ The mode and group rules are `evaluation.wandb_runs`'s, shared with evaluations 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from bipe.io import atomic_write_json
 from evaluation.wandb_runs import hydra_run_names, resolve_mode
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def record_run(logger: Any, path: Path) -> dict[str, Any]:
     info = {"project": getattr(run, "project", None), "id": getattr(run, "id", None),
             "name": getattr(run, "name", None), "group": getattr(run, "group", None),
             "mode": getattr(logger, "wandb_mode", None), "dir": getattr(run, "dir", None)}
-    path.write_text(json.dumps(info, indent=2, default=str))
+    atomic_write_json(path, info)
     return info
 
 

@@ -32,9 +32,7 @@ register_configs()  # the schemas train.py and eval.py register before Hydra com
 register_eval_configs()
 
 CONF = ROOT / "conf"
-WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "castle", "night", "day",
-         "love", "death", "war", "peace", "speak", "hear", "come", "go", "my", "thy", "good",
-         "noble", "gentle", "brave"]
+from tests.helpers import WORDS  # noqa: E402
 
 
 def write_corpus(folder: Path, documents: int = 10, sentences: int = 150, seed: int = 0) -> str:
@@ -54,6 +52,15 @@ def write_corpus(folder: Path, documents: int = 10, sentences: int = 150, seed: 
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Glob of a ~100 KB text corpus shared by the session."""
     return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token byte-level BPE trained on a few English-like lines (saved-model tests)."""
+    from data.tokenizer import train_bpe
+    from tests.helpers import TEXTS
+
+    return train_bpe(TEXTS, 300)
 
 
 @pytest.fixture(scope="session")

@@ -30,3 +30,27 @@ def synthetic_dm(cfg: dict, seed: int = 0):
     from tasks.generated import SyntheticDataModule
 
     return SyntheticDataModule(get_task(cfg["name"])(cfg), seed=seed)
+
+
+WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "castle", "night", "day",
+         "love", "death", "war", "peace", "speak", "hear", "come", "go", "my", "thy", "good",
+         "noble", "gentle", "brave"]
+TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(30)) + "." for i in range(60)]
+
+
+def write_run(folder, model, tokenizer, block_size: int = 32):
+    """A run folder as train.py leaves it (checkpoints/last.ckpt in our format), for `model`
+    trained on a `text_files` corpus segmented by lines."""
+    from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, save_atomic
+
+    meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
+            "tokenizer": tokenizer.to_str(), "global_step": 3,
+            "data_stats": {"max_segments_per_block": 12},
+            "run_config": {"seed": 0, "data": {
+                "name": "text_files", "glob": "x", "segmenter": "lines", "block_size": block_size,
+                "batch_size": 2, "tokenizer": {"eod_token": "<|endoftext|>", "vocab_size": 300}},
+                "optim": {"lr": 1e-3}, "trainer": {"max_steps": 10}}}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_atomic({"state_dict": state, "global_step": 3, CHECKPOINT_KEY: meta},
+                folder / "checkpoints" / "last.ckpt")
+    return folder

@@ -15,8 +15,7 @@ pytest.importorskip("lm_eval")
 from data.config import DataConfig  # noqa: E402
 from data.segment import Segmenter  # noqa: E402
 from data.tokenizer import DocumentEncoder  # noqa: E402
-from tests.helpers import tiny_model  # noqa: E402
-from tests.test_pretrained import tokenizer, write_run  # noqa: E402, F401  (fixture)
+from tests.helpers import tiny_model, write_run  # noqa: E402
 
 DOCS = [{"question": "the king\nthe queen\nthe", "choices": [" lord", " sword", " night"],
          "answer": 0},

@@ -10,33 +10,8 @@ import math
 import pytest
 import torch
 
-from data.tokenizer import train_bpe
 from models import Transformer
-from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, save_atomic
-from tests.conftest import WORDS
-from tests.helpers import ENCODINGS, random_batch, tiny_model
-
-TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(30)) + "." for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(TEXTS, 300)
-
-
-def write_run(folder, model, tokenizer, block_size=32):
-    """A run folder as train.py leaves it (checkpoints/last.ckpt in our format)."""
-    meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
-            "tokenizer": tokenizer.to_str(), "global_step": 3,
-            "data_stats": {"max_segments_per_block": 12},
-            "run_config": {"seed": 0, "data": {
-                "name": "text_files", "glob": "x", "segmenter": "lines", "block_size": block_size,
-                "batch_size": 2, "tokenizer": {"eod_token": "<|endoftext|>", "vocab_size": 300}},
-                "optim": {"lr": 1e-3}, "trainer": {"max_steps": 10}}}
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    save_atomic({"state_dict": state, "global_step": 3, CHECKPOINT_KEY: meta},
-                folder / "checkpoints" / "last.ckpt")
-    return folder
+from tests.helpers import ENCODINGS, TEXTS, random_batch, tiny_model, write_run
 
 
 @pytest.mark.parametrize("pe", ENCODINGS)

@@ -167,6 +167,7 @@ class EvalRunConfig:
     sweep_dir: str | None = None  # every run of a sweep
     labels: list[str] | None = None
     seed: int = 0
+    tags: list[str] = field(default_factory=list)  # given to the W&B run
     device: str = "auto"  # auto (cuda if available) | cpu | cuda[:n] | mps
     eval: EvalSettings = field(default_factory=EvalSettings)
     logger: Any = None

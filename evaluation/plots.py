@@ -92,21 +92,38 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
     return Path(path)
 
 
+def log_bins(nll: np.ndarray, bins: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Mean NLL by position averaged in log-spaced bins: `(bin centres, means)`.
+
+    Position p (0-based) has p tokens of context; bins of geometrically growing width keep the
+    short-context start readable and average the thousands of positions of a long window into
+    a trend (one point per bin; empty bins dropped)."""
+    nll = np.asarray(nll, dtype=float)
+    n = len(nll)
+    edges = np.unique(np.geomspace(1, n + 1, bins + 1).astype(int)) - 1  # 0 .. n
+    centres, means = [], []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        if b > a:
+            centres.append(np.sqrt((a + 1) * b) - 1)  # geometric centre of positions a..b-1
+            means.append(float(nll[a:b].mean()))
+    return np.asarray(centres), np.asarray(means)
+
+
 def plot_nll_by_position(curves: dict[str, np.ndarray], train_length: int | None,
-                         path: str | Path, smooth: int = 32) -> Path:
-    """Mean NLL at each position (moving average over `smooth` positions), one line per model."""
+                         path: str | Path, bins: int = 48) -> Path:
+    """Mean NLL by position in the window (averaged over windows and seeds, then over
+    log-spaced bins of positions), one line per model, log-scale positions."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, nll in sorted(curves.items()):
-        nll = np.asarray(nll, dtype=float)
-        k = max(1, min(smooth, len(nll) // 8 or 1))
-        smoothed = np.convolve(nll, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=label, linewidth=1)
+        xs, ys = log_bins(nll, bins)
+        ax.plot(xs + 1, ys, label=label, linewidth=1.2, marker=".", markersize=3)
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="train length")
-    ax.set_xlabel("position in window (tokens)")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in window (tokens, log-spaced bins)")
     ax.set_ylabel("mean NLL (nats)")
     ax.set_title("NLL by position")
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)

@@ -229,7 +229,7 @@ def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows:
     run = wandb.init(project=logger.get("project", "bipe"), entity=logger.get("entity"),
                      mode=mode, job_type="eval", dir=str(out), name=out.name,
                      group=sweep_group(cfg.sweep_dir) if cfg.get("sweep_dir") else None,
-                     tags=list(logger.get("tags") or []),
+                     tags=list(cfg.get("tags") or logger.get("tags") or []),
                      config=OmegaConf.to_container(cfg.eval, resolve=True))
     try:
         for name, rows in (("perplexity", ppl_rows), ("passkey", passkey_rows),

@@ -235,3 +235,17 @@ def test_slurm_launcher_composes_and_its_plugin_loads():
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.nodes) == ("gpu", 1)
+
+
+def test_help_is_a_short_page_of_groups_and_examples():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) < 40 and any(line.startswith("pe: ") for line in lines)
+    assert "python train.py task=arithmetic" in out.stdout

@@ -140,3 +140,15 @@ def test_log_axis_is_labelled_even_inside_one_decade(values, inside):
     else:
         assert any(t in (100, 1000) for t in labelled)  # the default decade ticks stay
     plt.close(fig)
+
+
+def test_nll_by_position_is_binned_into_a_readable_trend():
+    """4,096 positions become at most 48 log-spaced bins, each the mean of its positions."""
+    from evaluation.plots import log_bins
+
+    nll = np.arange(4096, dtype=float)  # the NLL at position p is p
+    centres, means = log_bins(nll, bins=48)
+    assert len(centres) <= 48 and len(centres) == len(means)
+    assert np.all(np.diff(centres) > 0) and means[0] == 0.0  # the first bin is position 0 alone
+    assert means[-1] == pytest.approx(nll[-len(nll) // 16:].mean(), rel=0.1)
+    assert np.all(np.diff(means) > 0)  # an increasing curve stays increasing

@@ -3,7 +3,8 @@
 `register_configs()` (called by `train.py` before Hydra composes) stores the dataclasses of every
 layer in Hydra's ConfigStore: `TrainConfig` is the schema of `conf/train.yaml`, so the `pe`,
 `model`, `optim`, `eval`, `finetune` and `paths` nodes are typed; each `conf/data/*.yaml` and
-`conf/task/*.yaml` extends its own schema (`text_schema`, `generated_schema`, `<task>_schema`).
+`conf/task/*.yaml` extends its own schema (`schema/data/text`, `schema/data/generated`,
+`schema/task/<task>`).
 A misspelled key (`+optim.lrr=1`) or a mistyped value (`optim.lr=abc`) therefore fails while the
 config is composed. `validate_config` then builds the objects (each dataclass checks its values
 in `__post_init__`), checks what spans several keys, and the `_target_` nodes (trainer, logger,
@@ -119,11 +120,19 @@ class FinetuneConfig:
 
 
 @dataclass
+class ExtrasConfig:
+    """`extras.*`: conveniences around a run."""
+
+    print_config: bool = True  # print the composed config as a tree when the run starts
+
+
+@dataclass
 class TrainConfig:
     """The schema of `conf/train.yaml`; groups whose shape varies (data, task, trainer, logger,
     callbacks) are untyped here and typed by their own files' schemas or by `_target_`."""
 
     seed: int = 0
+    tags: list[str] = field(default_factory=list)  # given to the logger (W&B run tags)
     optimized_metric: str | None = None
     ckpt_path: str | None = None
     init_from: str | None = None
@@ -138,6 +147,7 @@ class TrainConfig:
     logger: Any = None
     callbacks: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
@@ -161,10 +171,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("bipe.dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="data", name="text_schema", node=DataConfig)
-    cs.store(group="data", name="generated_schema", node=GeneratedDataConfig)
+    cs.store(group="schema/data", name="text", node=DataConfig, package="data")
+    cs.store(group="schema/data", name="generated", node=GeneratedDataConfig, package="data")
     for name, task in load_all().items():
-        cs.store(group="task", name=f"{name}_schema", node=task.config, package="task")
+        cs.store(group="schema/task", name=name, node=task.config, package="task")
 
 
 @dataclass
@@ -254,6 +264,9 @@ def validate_config(cfg: DictConfig) -> RunSettings:
     optim = build(OptimConfig, run["optim"] or {}, "optim")
     evaluation = build(LengthEvalConfig, run["eval"] or {}, "eval")
     build(PathsConfig, run["paths"] or {}, "paths")
+    build(ExtrasConfig, run["extras"] or {}, "extras")
+    if not isinstance(run["tags"], list) or not all(isinstance(t, str) for t in run["tags"]):
+        raise ConfigError(f"tags={run['tags']!r} must be a list of strings")
     task_node = run["task"] or {}
     task = get_task(task_node.get("name"))(task_node)
     block_size = task.check_data(run["data"] or {})

@@ -14,11 +14,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import rich
+import rich.syntax
+import rich.tree
+import yaml
 from omegaconf import DictConfig
 
 from bipe.errors import ConfigError
@@ -72,9 +77,24 @@ def check(cfg: DictConfig) -> Checked:
         apply_finetune(cfg, start[CHECKPOINT_KEY], resume=bool(cfg.ckpt_path))
     settings = validate_config(cfg)
     run = plain(cfg)
+    if run["extras"]["print_config"] and os.environ.get("RANK", "0") == "0":
+        print_config_tree(run)
     if start is not None and cfg.ckpt_path:
         check_resume(start, model_config(run).to_dict(), run, cfg.ckpt_path)
     return Checked(settings, run, start, Path(cfg.paths.output_dir))
+
+
+def print_config_tree(run: dict[str, Any]) -> None:
+    """The composed config as a tree, one branch per top-level section (as the
+    lightning-hydra-template's `extras.print_config`)."""
+    tree = rich.tree.Tree("config", guide_style="dim")
+    first = ["task", "pe", "model", "data", "optim", "trainer"]
+    for key in first + [k for k in run if k not in first]:
+        value = run[key]
+        text = yaml.safe_dump(value, sort_keys=False).strip() if isinstance(value, dict | list) \
+            else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark"))
+    rich.print(tree)
 
 
 def instantiate(cfg: DictConfig, checked: Checked) -> Parts:

@@ -21,7 +21,7 @@ from torch import Tensor
 from bipe.rope import apply_rotary
 
 
-def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
+def rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
     """Rotate `x` `[B, H, T, D]` by positions `[B or 1, T]` (or a scalar tensor)."""
     angles = pos.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
     emb = torch.cat((angles, angles), dim=-1)
@@ -34,23 +34,28 @@ def _rotate(x: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
 def lambda_block(q: Tensor, k: Tensor, v: Tensor, *, q_tok: Tensor, k_tok: Tensor,
                  q_pos: Tensor, k_pos: Tensor, n_global: int, n_local: int,
                  inv_freq: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                 distance_cap: int | None = None, rope_scale: float = 1.0) -> Tensor:
+                 distance_cap: int | None = None, rope_scale: float = 1.0,
+                 k_rot: Tensor | None = None) -> Tensor:
     """Lambda attention of the queries `q` `[B, H, Tq, D]` over an arbitrary key set `k`, `v`
-    `[B, H, Tk, D]` (unrotated). `q_tok` `[Tq]`, `k_tok` `[Tk]` are token indices (for the mask);
-    `q_pos` `[B or 1, Tq]`, `k_pos` `[B or 1, Tk]` the relative positions. Returns `[B, H, Tq, D]`.
-    Keys outside every query's Lambda are harmless (masked), so callers may pass a superset."""
+    `[B, H, Tk, D]` (unrotated). `q_tok` `[Tq]`, `k_tok` `[Tk]` are token indices (for the mask;
+    a negative index is an empty slot); `q_pos` `[B or 1, Tq]`, `k_pos` `[B or 1, Tk]` the
+    relative positions; `k_rot`: the keys already rotated by their own positions (a cache's),
+    else they are rotated here. Returns `[B, H, Tq, D]`. Keys outside every query's Lambda are
+    harmless (masked), so callers may pass a superset."""
     rel = q_tok.view(-1, 1) - k_tok.view(1, -1)  # token distance, (Tq, Tk)
     allowed = (rel >= 0) & ((rel < n_local) | (k_tok.view(1, -1) < n_global))
+    allowed = allowed & (k_tok.view(1, -1) >= 0)
     dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).unsqueeze(1)  # (B, 1, Tq, Tk)
     capped = None if distance_cap is None else dist > distance_cap
     scale = 1.0 / math.sqrt(q.shape[-1])
     if inv_freq is not None:
-        scores = _rotate(q, q_pos, inv_freq, rope_scale) @ _rotate(
-            k, k_pos, inv_freq, rope_scale).transpose(-1, -2)
+        if k_rot is None:
+            k_rot = rotate(k, k_pos, inv_freq, rope_scale)
+        scores = rotate(q, q_pos, inv_freq, rope_scale) @ k_rot.transpose(-1, -2)
         if capped is not None and bool(capped.any()):
             cap = torch.tensor(float(distance_cap), device=q.device)
             # Key unrotated, query rotated by the cap: the pair's angle is the cap's.
-            far = _rotate(q, cap, inv_freq, rope_scale) @ (k * rope_scale).transpose(-1, -2)
+            far = rotate(q, cap, inv_freq, rope_scale) @ (k * rope_scale).transpose(-1, -2)
             scores = torch.where(capped, far, scores)
     else:
         scores = q @ k.transpose(-1, -2)

@@ -63,7 +63,8 @@ class DataConfig:
     segmenter: str = "punkt"
     block_size: int = 256
     batch_size: int = 16  # blocks per optimizer step, split across devices and accumulation
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    pack_workers: int | None = None  # processes that tokenize and segment a new cache (None: CPUs)
     pin_memory: bool | None = None  # None: pin when CUDA is available
     cache_dir: str = field(default_factory=default_cache_dir)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -138,6 +139,8 @@ class DataConfig:
         _check_int("data.block_size", self.block_size, 2, "blocks need at least 2 input tokens")
         _check_int("data.batch_size", self.batch_size, 1)
         _check_int("data.num_workers", self.num_workers, 0)
+        if self.pack_workers is not None:
+            _check_int("data.pack_workers", self.pack_workers, 1)
         _check_int("data.segment_length", self.segment_length, 1)
         _check_int(
             "data.tokenizer.vocab_size",

@@ -47,6 +47,7 @@ from bipe.errors import ConfigError, DataError
 
 from .batches import BlockDataset, SplitStream, TextBatches, trainer_layout
 from .config import SPLITS, DataConfig, canonical_split
+from .encode import ParallelEncoder, pack_workers
 from .packing import (
     PACK_VERSION,
     PackedCorpus,
@@ -64,7 +65,6 @@ from .sources import Source, make_source
 from .streaming import StreamingBatches
 from .tokenizer import (
     TOKENIZER_VERSION,
-    DocumentEncoder,
     eod_id_of,
     file_hash,
     load_tokenizer_file,
@@ -74,7 +74,6 @@ from .tokenizer import (
 
 log = logging.getLogger(__name__)
 
-ENCODE_GROUP_CHARS = 8_000_000  # documents are encoded/segmented in groups of about this size
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -188,46 +187,35 @@ class LMDataModule(L.LightningDataModule):
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = ids_dtype(vocab)
         t_tok = time.perf_counter()
-        segmenter = Segmenter(cfg, tok)
-        encoder = DocumentEncoder(tok)
+        workers = pack_workers(cfg)
         splits_meta: dict[str, Any] = {}
         seg_stats: dict[str, Any] = {}
         empty_after_tokenizing = 0
-        for split in SPLITS:
-            writer = SplitWriter(tmp, split, dtype)
-            try:
-                docs = corpus.splits[split]
-                i = 0
-                while i < len(docs):
-                    j, chars = i, 0
-                    while j < len(docs) and (j == i or chars < ENCODE_GROUP_CHARS):
-                        chars += len(docs[j].text)
-                        j += 1
-                    group = docs[i:j]
-                    for doc, (ids, starts) in zip(
-                        group, encoder.encode_many([d.text for d in group]), strict=True
-                    ):
+        with ParallelEncoder(cfg, tok, workers) as encoder:
+            for split in SPLITS:
+                writer = SplitWriter(tmp, split, dtype)
+                try:
+                    for ids, flags in encoder.encode([d.text for d in corpus.splits[split]]):
                         if len(ids) == 0:
                             empty_after_tokenizing += 1
                             continue
-                        writer.add(ids, segmenter.boundaries(doc.text, ids, starts), eod)
-                    i = j
-            except BaseException:
-                writer.abort()
-                raise
-            splits_meta[split] = writer.close()
-            if writer.documents == 0:
-                raise DataError(f"data={cfg.name}: the {split} split has no documents")
-            boundary = np.fromfile(tmp / splits_meta[split]["boundary_file"], dtype=np.bool_)
-            seg_stats[split] = segment_stats(boundary)
+                        writer.add(ids, flags, eod)
+                except BaseException:
+                    writer.abort()
+                    raise
+                splits_meta[split] = writer.close()
+                if writer.documents == 0:
+                    raise DataError(f"data={cfg.name}: the {split} split has no documents")
+                boundary = np.fromfile(tmp / splits_meta[split]["boundary_file"], np.bool_)
+                seg_stats[split] = segment_stats(boundary)
         tok_path = tmp / "tokenizer.json"
         tok.save(str(tok_path))
         with open(tok_path, "rb+") as f:
             os.fsync(f.fileno())
         t_end = time.perf_counter()
         log.info(
-            "built %s cache: load %.1fs, tokenizer %.1fs, tokenize+segment+write %.1fs",
-            cfg.name, t_load - t0, t_tok - t_load, t_end - t_tok,
+            "built %s cache: load %.1fs, tokenizer %.1fs, tokenize+segment+write %.1fs "
+            "(%d process(es))", cfg.name, t_load - t0, t_tok - t_load, t_end - t_tok, workers,
         )
         return {
             "dtype": dtype.str,

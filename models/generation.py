@@ -20,18 +20,27 @@ class KVCache:
     """Per-layer keys and values plus the position state of the sequence so far.
 
     Without a window, keys are cached already rotated, in buffers grown by doubling. With
-    `window=(n_global, n_local)` (LM-Infinite) keys are cached unrotated and only the first
-    `n_global` and the last `n_local` tokens are kept, so memory stays constant however long the
-    text; `key_tokens` and `key_positions` say which tokens those are.
+    `window=(n_global, n_local)` (LM-Infinite) the cache is a fixed ring of `n_global + n_local`
+    slots per layer: token t < n_global keeps slot t for good, a later token takes slot
+    `n_global + (t - n_global) % n_local`, overwriting the token `n_local` before it, which no
+    later query can see. Keys are kept both as computed and rotated once by their own position
+    (RoPE), so a decoding step costs one attention over the window, and memory stays constant
+    however long the text. `slot_tokens` and `slot_positions` say which token (-1: none yet)
+    and which relative position each slot holds.
     """
 
     def __init__(self, n_layers: int, window: tuple[int, int] | None = None):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        self.k_rot: list[Tensor | None] = [None] * n_layers  # window: keys rotated once
         self.window = window
         self.length = 0  # tokens seen, including those of the forward pass in progress
-        self.key_tokens: Tensor | None = None  # token index of every kept key, [Tk] (window)
-        self.key_positions: Tensor | None = None  # relative index of every kept key, [B or 1, Tk]
+        self.key_positions: Tensor | None = None  # relative index of every cached key (full)
+        self.slot_tokens: Tensor | None = None  # window: token index in each slot, [S]
+        self.slot_positions: Tensor | None = None  # window: relative index in each slot
+        self._before: tuple[Tensor, Tensor] | None = None  # slot metadata before this pass
+        self._new: tuple[Tensor, Tensor | None] | None = None  # this pass's tokens, positions
+        self._writes: tuple[Tensor, Tensor] | None = None  # (which new tokens, into which slots)
         self.next_intra: Tensor | None = None  # ids the next token gets without a boundary, [B]
         self.next_inter: Tensor | None = None
 
@@ -47,25 +56,12 @@ class KVCache:
             return zero, zero
         return self.next_intra, self.next_inter
 
-    def _evict(self) -> None:
-        """Drop keys no future query can attend: outside the first n_global and last n_local."""
-        n_global, n_local = self.window
-        keep = (self.key_tokens < n_global) | (self.key_tokens > self.length - n_local)
-        if bool(keep.all()):
-            return
-        idx = keep.nonzero().squeeze(-1)
-        self.k = [None if k is None else k[:, :, idx] for k in self.k]
-        self.v = [None if v is None else v[:, :, idx] for v in self.v]
-        self.key_tokens = self.key_tokens[idx]
-        if self.key_positions is not None:
-            self.key_positions = self.key_positions[..., idx]
-
     def extend(self, pos: Positions, q_pos: Tensor | None,
                boundary: Tensor | None) -> Tensor | None:
-        """Record `T` new tokens; returns the relative positions of all kept keys."""
+        """Record `T` new tokens; returns the relative positions of all cached keys (full
+        cache) or None (window: `window()` gives the keys with theirs)."""
         T = pos.token.shape[-1]
-        if self.window is not None and self.key_tokens is not None:
-            self._evict()
+        first = self.length
         self.length += T
         if pos.intra is not None:
             last_b = (boundary[:, -1] if boundary is not None
@@ -73,23 +69,68 @@ class KVCache:
             self.next_intra = torch.where(last_b, 0, pos.intra[:, -1] + 1)
             self.next_inter = pos.inter[:, -1] + last_b.long()
         if self.window is not None:
-            new = pos.token.view(-1)
-            self.key_tokens = new if self.key_tokens is None else torch.cat([self.key_tokens, new])
+            self._plan_window(pos.token.view(-1), q_pos)
+            return None
         if q_pos is None:
             return None
-        if self.key_positions is None:
-            self.key_positions = q_pos
-        else:
-            self.key_positions = torch.cat([self.key_positions, q_pos], dim=-1)
+        self.key_positions = q_pos if first == 0 else torch.cat([self.key_positions, q_pos], -1)
         return self.key_positions
 
+    def _plan_window(self, tokens: Tensor, q_pos: Tensor | None) -> None:
+        """Which of this pass's tokens stay in the ring, in which slots (once for all layers)."""
+        n_global, n_local = self.window
+        size = n_global + n_local
+        device = tokens.device
+        positions = q_pos if q_pos is not None else tokens.unsqueeze(0)
+        if self.slot_tokens is None:
+            self.slot_tokens = torch.full((size,), -1, dtype=torch.long, device=device)
+            self.slot_positions = torch.zeros(positions.shape[0], size, dtype=torch.long,
+                                              device=device)
+        self._before = (self.slot_tokens.clone(), self.slot_positions.clone())
+        self._new = (tokens, positions)
+        last = int(tokens[-1])
+        keep = (tokens < n_global) | (tokens > last - n_local)  # one token per slot
+        which = keep.nonzero().squeeze(-1)
+        kept = tokens[which]
+        slots = torch.where(kept < n_global, kept, n_global + (kept - n_global) % n_local)
+        self._writes = (which, slots)
+        self.slot_tokens[slots] = kept
+        if positions.shape[0] != self.slot_positions.shape[0]:  # token positions -> per row
+            self.slot_positions = self.slot_positions.expand(positions.shape[0], -1).clone()
+        self.slot_positions[:, slots] = positions[:, which]
+
+    def write_window(self, layer: int, k: Tensor, v: Tensor, k_rot: Tensor | None) -> None:
+        """Store this pass's kept keys (as computed and rotated) and values of `layer`."""
+        which, slots = self._writes
+        size = sum(self.window)
+        for store, new in ((self.k, k), (self.v, v), (self.k_rot, k_rot)):
+            if new is None:
+                continue
+            if store[layer] is None:
+                store[layer] = new.new_zeros(new.shape[0], new.shape[1], size, new.shape[3])
+            store[layer][:, :, slots] = new[:, :, which]
+
+    def window_keys(self, layer: int, extra: tuple[Tensor, Tensor | None, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """`(keys, rotated keys, values, token indices, positions)` of `layer`'s ring; with
+        `extra` (this pass's keys, rotated keys, values), the ring as it was before this pass
+        followed by them (a chunk whose later tokens overwrite slots earlier ones still see)."""
+        k, k_rot, v = self.k[layer], self.k_rot[layer], self.v[layer]
+        if extra is None:
+            return k, k_rot, v, self.slot_tokens, self.slot_positions
+        nk, nrot, nv = extra
+        tokens, positions = self._new
+        old_tokens, old_positions = self._before
+        if k is None:  # nothing cached for this layer yet
+            return nk, nrot, nv, tokens, positions
+        rows = max(old_positions.shape[0], positions.shape[0])
+        return (torch.cat([k, nk], 2), None if nrot is None else torch.cat([k_rot, nrot], 2),
+                torch.cat([v, nv], 2), torch.cat([old_tokens, tokens]),
+                torch.cat([old_positions.expand(rows, -1), positions.expand(rows, -1)], -1))
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append `k`, `v` `[B, H, T, D]` for `layer`; returns all kept keys and values."""
-        if self.window is not None:  # small and bounded: plain concatenation
-            if self.k[layer] is not None:
-                k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-            self.k[layer], self.v[layer] = k, v
-            return k, v
+        """Append `k`, `v` `[B, H, T, D]` (rotated) for `layer`; returns all cached keys and
+        values (full cache)."""
         T = k.shape[2]
         start, end = self.length - T, self.length
         buf_k = self.k[layer]

@@ -111,7 +111,8 @@ class Transformer(nn.Module, PretrainedMixin):
             q_pos = pos.token  # no relative part: Lambda masks by token index only
         k_pos = q_pos
         if cache is not None:
-            k_pos = cache.extend(pos, q_pos, boundary)
+            cached = cache.extend(pos, q_pos, boundary)
+            k_pos = q_pos if cached is None else cached  # a window cache keeps its own
         ctx = self.pe.context(q_pos, k_pos, past, T, self.attention)
         x = self.drop(self.pe.embed(self.embed(input_ids), pos))
         for i, block in enumerate(self.blocks):

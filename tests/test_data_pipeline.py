@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -94,7 +96,7 @@ def test_cache_is_reused_without_touching_the_corpus(tmp_path, monkeypatch):
         raise AssertionError("the corpus was read or tokenized again")
 
     monkeypatch.setattr("data.sources.text_files.TextFilesSource.load", boom)
-    monkeypatch.setattr("data.datamodule.DocumentEncoder", boom)
+    monkeypatch.setattr("data.datamodule.ParallelEncoder", boom)
     monkeypatch.setattr("data.tokenizer.train_bpe", boom)
     dm2 = ready(cfg)
     assert not dm2.built_cache and dm2.cache_path == dm1.cache_path
@@ -187,3 +189,29 @@ def test_ids_identical_for_every_segmenter(tmp_path):
     counts = {k: int(b.sum()) for k, (_, b) in arrays.items()}
     assert counts["none"] == int((ref_ids == 0).sum())  # only end-of-document tokens
     assert counts["punkt"] > counts["lines"] > counts["none"]
+
+
+@pytest.mark.parametrize("segmenter", ["punkt", "lines"])
+def test_the_parallel_cache_is_the_serial_cache_byte_for_byte(tmp_path, segmenter,
+                                                              monkeypatch):
+    """Tokenizing and segmenting in worker processes packs the same bytes as one process (the
+    documents go out in many small groups, so the workers' answers interleave)."""
+    monkeypatch.setattr("data.encode.GROUP_CHARS", 3000)
+    glob = write_corpus(tmp_path / "corpus", n_files=30)
+    folders = []
+    for workers in (1, 3):
+        cfg = make_cfg(tmp_path, glob=glob, segmenter=segmenter, pack_workers=workers,
+                       cache_dir=str(tmp_path / f"cache{workers}"))
+        folders.append(ready(cfg).cache_path)
+    serial, parallel = folders
+    assert serial.name == parallel.name  # one cache key: the worker count is not in it
+    files = sorted(p.name for p in serial.iterdir())
+    assert files == sorted(p.name for p in parallel.iterdir())
+    for name in files:
+        if name == "meta.json":  # holds the build time; the rest must agree
+            a, b = (json.loads((f / name).read_text()) for f in folders)
+            for meta in (a, b):
+                meta.pop("build_seconds"), meta.pop("created")
+            assert a == b
+        else:
+            assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name

@@ -114,3 +114,37 @@ def test_lm_infinite_cached_decoding_equals_full_pass(name):
         sizes.append(cache.k[0].shape[2])
     torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
     assert max(sizes) <= 3 + 6  # constant memory: first n_global + last n_local keys
+
+
+@pytest.mark.parametrize("name", ["rope", "bipe_rope", "bipe_alibi", "nope"])
+def test_ring_buffer_takes_chunks_and_wraps_many_times(name):
+    """Prefill, a multi-token chunk, then single tokens, past many turns of the ring: equal to
+    the full Lambda pass, with each key rotated once (its rotated copy never changes)."""
+    model = tiny_model(name, train_len=64)
+    model.attention = AttentionOptions(lm_infinite=LMInfinite(n_global=2, n_local=5,
+                                                              distance_cap=3))
+    ids, boundary = random_batch(2, 48, p_boundary=0.3)
+    want = model(ids, boundary)
+    cache = KVCache.for_model(model)
+    pieces = [(0, 4), (4, 13), *((t, t + 1) for t in range(13, 48))]
+    steps = [model(ids[:, a:b], boundary[:, a:b], cache=cache) for a, b in pieces]
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+    assert cache.k[0].shape[2] == 2 + 5 and cache.slot_tokens.tolist() == [0, 1, 47, 43, 44,
+                                                                           45, 46]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_infinite", [False, True])
+@pytest.mark.parametrize("name", ENCODINGS)
+@torch.no_grad()
+def test_flex_and_sdpa_kernels_agree(name, lm_infinite):
+    """The compiled flex kernel (ALiBi as score_mod, causal or Lambda block mask) and SDPA (or
+    the block-wise Lambda reference) give the same outputs, BiPE segment positions included;
+    300 tokens: the last 128-token block is partial."""
+    model = tiny_model(name, train_len=300)
+    ids, boundary = random_batch(2, 300, p_boundary=0.2)
+    lm = LMInfinite(n_global=7, n_local=50, distance_cap=20) if lm_infinite else None
+    model.attention = AttentionOptions(kernel="sdpa", lm_infinite=lm, chunk_size=64)
+    want = model(ids, boundary)
+    model.attention = AttentionOptions(kernel="flex", lm_infinite=lm)
+    torch.testing.assert_close(model(ids, boundary), want, rtol=1e-5, atol=1e-5)

@@ -144,3 +144,24 @@ def test_the_run_writes_its_metrics_and_returns_the_optimized_one(run_train):
     assert optimized_value(compose_train([]), metrics) is None
     with pytest.raises(ConfigError, match="optimized_metric=val/acc is not a metric of this run"):
         optimized_value(compose_train(["optimized_metric=val/acc"]), metrics)
+
+
+@pytest.mark.slow
+def test_compiled_and_plain_checkpoints_load_into_each_other(run_train):
+    """compile=true trains the same model under torch.compile: its checkpoint has the plain
+    parameter names and resumes uncompiled, and the other way round."""
+    import torch
+
+    compiled, c_dir = run_train("compiled", "compile=true", "pe=bipe_alibi")
+    plain, p_dir = run_train("plain", "compile=false", "pe=bipe_alibi")
+    c_state, p_state = (weights(d / "checkpoints" / "last.ckpt") for d in (c_dir, p_dir))
+    assert set(c_state) == set(p_state) and not any("_orig_mod" in k for k in c_state)
+    for name in p_state:
+        torch.testing.assert_close(c_state[name], p_state[name], rtol=0, atol=1e-4)
+    _, resumed = run_train("resumed", "compile=false", "pe=bipe_alibi", "trainer.max_steps=8",
+                           f"ckpt_path={c_dir}")
+    _, resumed_c = run_train("resumed_c", "compile=true", "pe=bipe_alibi", "trainer.max_steps=8",
+                             f"ckpt_path={p_dir}")
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] \
+        == torch.load(resumed_c / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] \
+        == 8

@@ -133,6 +133,9 @@ class TrainConfig:
 
     seed: int = 0
     tags: list[str] = field(default_factory=list)  # given to the logger (W&B run tags)
+    # torch.compile the model (checkpoints stay plain: they load compiled or not); None: on
+    # where it pays (GPUs), off on CPUs, where compiling costs more than a short run saves
+    compile: bool | None = None
     optimized_metric: str | None = None
     ckpt_path: str | None = None
     init_from: str | None = None
@@ -246,6 +249,8 @@ def validate_config(cfg: DictConfig) -> RunSettings:
     _number(run["seed"], "seed", integer=True)
     if run["seed"] < 0:
         raise ConfigError(f"seed={run['seed']} must be >= 0")
+    if run["compile"] is not None and not isinstance(run["compile"], bool):
+        raise ConfigError(f"compile={run['compile']!r} must be true, false or null (auto)")
     metric = run["optimized_metric"]
     if metric is not None and (not isinstance(metric, str) or not metric):
         raise ConfigError(f"optimized_metric={metric!r} must be a metric name such as val/loss "

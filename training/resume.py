@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 # Keys that may differ between the interrupted run and its resumption without changing training.
 UNTRACKED = ("ckpt_path", "init_from", "paths.", "logger.", "callbacks.", "eval.", "data.cache_dir",
+             "data.pack_workers", "extras.", "tags", "compile",
              "data.num_workers", "data.pin_memory")
 
 

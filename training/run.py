@@ -115,6 +115,9 @@ def instantiate(cfg: DictConfig, checked: Checked) -> Parts:
         kwargs.update(val_names=dm.val_names, score=dm.score, main_metric=task.main_metric)
     model_cfg = model_config(run, vocab_size=dm.tokenizer.get_vocab_size())
     module = module_cls(model_cfg, checked.settings.optim, **kwargs)
+    if compile_model(run, trainer):
+        module.model.compile()  # in place: parameter names, and so checkpoints, stay plain
+        log.info("model compiled with torch.compile (compile=%s)", run["compile"])
     if cfg.init_from:
         load_weights(module.model, checked.start, cfg.init_from)
         log.info("initialised weights from %s (step %s of that run); optimizer and schedule "
@@ -129,6 +132,13 @@ def instantiate(cfg: DictConfig, checked: Checked) -> Parts:
         if hasattr(lg, "wandb_mode") and trainer.is_global_zero:  # other ranks have no W&B run
             record_run(lg, checked.output_dir / "wandb_run.json")
     return Parts(trainer, module, dm, callbacks)
+
+
+def compile_model(run: dict[str, Any], trainer: L.Trainer) -> bool:
+    """`compile`, or for null (auto) whether the run trains on a GPU."""
+    if run["compile"] is not None:
+        return run["compile"]
+    return trainer.strategy.root_device.type == "cuda"
 
 
 def fit(parts: Parts, ckpt_path: str | None) -> None:

@@ -98,8 +98,8 @@ def matmul_peak(n: int, reps: int) -> dict[str, dict[str, Any]]:
 
 
 def run_ceiling(profile: Profile, training: SectionResult | None) -> SectionResult:
-    """Section 6: matmul peak, and the MFU of section 1 (when it ran) against it."""
-    res = SectionResult("ceiling", "6. Machine ceiling and model FLOPs utilisation")
+    """Section 7: matmul peak, and the MFU of section 1 (when it ran) against it."""
+    res = SectionResult("ceiling", "7. Machine ceiling and model FLOPs utilisation")
     n = profile.matmul_n
     peak = matmul_peak(n, profile.matmul_reps)
     table = Table(f"{n}×{n} @ {n}×{n} matmul (torch.mm)",

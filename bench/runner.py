@@ -20,9 +20,10 @@ def _section_fns() -> dict[str, Callable[[Profile], SectionResult]]:
     from bench.data_pipeline import run_data
     from bench.decoding import run_decoding
     from bench.long_context import run_long_context
-    from bench.training import run_encodings, run_training
+    from bench.training import run_compiled, run_encodings, run_training
 
     return {"training": run_training, "encodings": run_encodings,
+            "compiled": run_compiled,
             "long_context": run_long_context, "decoding": run_decoding, "data": run_data}
 
 

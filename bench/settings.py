@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-SECTIONS: tuple[str, ...] = ("training", "encodings", "long_context", "decoding", "data",
-                             "ceiling")
+SECTIONS: tuple[str, ...] = ("training", "encodings", "compiled", "long_context", "decoding",
+                             "data", "ceiling")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
@@ -35,7 +35,7 @@ class Shape:
 SMALL = Shape("small", n_layers=4, hidden=256, heads=4, intermediate=1024, vocab=8192, batch=8)
 PAPER_162M = Shape("162M", n_layers=12, hidden=768, heads=12, intermediate=3072, vocab=32000,
                    batch=1)
-LONG = Shape("long-context", n_layers=2, hidden=128, heads=4, intermediate=512, vocab=2048,
+LONG = Shape("long-context", n_layers=4, hidden=256, heads=4, intermediate=1024, vocab=8192,
              batch=1)
 TINY = Shape("tiny", n_layers=1, hidden=32, heads=2, intermediate=64, vocab=128, batch=2)
 
@@ -66,27 +66,32 @@ class Profile:
     encoding_seq_lens: tuple[int, ...] = (512,)
     encodings: tuple[str, ...] = ("rope", "alibi", "bipe_rope", "bipe_alibi")
     segment_mean: float = 27.0  # mean segment length in tokens (BiPE boundaries)
-    # 3. long-context forward
+    # 3. compiled training: eager against `model.compile()`, same weights and batches
+    compile_shape: Shape = SMALL
+    compile_seq: int = 512
+    compile_encodings: tuple[str, ...] = ("rope", "bipe_alibi")
+    compile_steps: int = 20  # steps both copies train before their losses are compared
+    compile_reps: int = 5
+    # 4. long-context forward (the model trained at `lc_train_len`)
     lc_shape: Shape = LONG
-    lc_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
-    lc_encodings: tuple[str, ...] = ("rope", "alibi")
+    lc_lengths: tuple[int, ...] = (2048, 8192)
+    lc_encodings: tuple[str, ...] = ("rope", "alibi", "bipe_alibi")
     lc_train_len: int = 1024  # LM-Infinite n_local and distance cap (pretraining length)
-    lc_chunk: int = 1024  # query chunk of full attention
     lc_n_global: int = 100
-    lc_naive_budget_mib: int = 4096  # naive reference skipped where its scores would exceed this
     lc_reps: int = 3
     lc_long_from: int = 16384  # from this length on, `lc_long_reps` samples (slow lengths)
-    lc_long_reps: int = 2
-    # 4. cached decoding
-    dec_encodings: tuple[str, ...] = ("rope",)
+    lc_long_reps: int = 3
+    # 5. cached decoding
+    dec_encodings: tuple[str, ...] = ("rope", "bipe_alibi")
     dec_contexts: tuple[int, ...] = (1024, 4096)
     dec_new_tokens: int = 64
     dec_reps: int = 5
-    # 5. data pipeline
+    # 6. data pipeline
     data_cfg: dict[str, Any] = field(default_factory=lambda: {"name": "shakespeare"})
     data_reps: int = 3
+    data_workers: tuple[int, ...] = (1, 2)  # end-to-end builds with this many processes
     reload_reps: int = 3
-    # 6. machine ceiling
+    # 7. machine ceiling
     matmul_n: int = 2048
     matmul_reps: int = 10
 
@@ -99,14 +104,15 @@ class Profile:
 
 QUICK = Profile(name="quick")
 
-# Trimmed to run in well under an hour on a busy 2-core machine (see the README): the 162M shape
-# is measured at seq 512 only, BiPE is left out of the long-context and decoding sections
-# (section 2 gives its cost), and lengths from 16k on get 2 samples.
+# About an hour on an idle 2-core machine: the 162M shape is measured at seq 512 only.
 FULL = Profile(
     name="full",
-    train_runs=(TrainRun(SMALL, (512, 1024)), TrainRun(PAPER_162M, (512,), reps=2)),
+    train_runs=(TrainRun(SMALL, (512, 1024), reps=5), TrainRun(PAPER_162M, (512,), reps=3)),
+    train_reps=5,
     encoding_seq_lens=(512, 1024),
-    lc_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+    compile_reps=7,
+    lc_lengths=(2048, 4096, 8192, 16384, 32768),
+    lc_reps=5,
     dec_contexts=(1024, 4096, 16384),
     dec_new_tokens=128,
     dec_reps=3,
@@ -123,12 +129,15 @@ SMOKE = Profile(
     train_reps=1,
     encoding_shape=TINY,
     encoding_seq_lens=(32,),
+    compile_shape=TINY,
+    compile_seq=32,
+    compile_encodings=("rope",),
+    compile_steps=2,
+    compile_reps=1,
     lc_shape=TINY,
     lc_lengths=(128, 256),
     lc_train_len=64,
-    lc_chunk=64,
     lc_n_global=4,
-    lc_naive_budget_mib=64,
     lc_reps=1,
     dec_contexts=(64,),
     dec_new_tokens=4,

@@ -18,6 +18,14 @@ def median(samples: Sequence[float]) -> float:
     return float(statistics.median(samples)) if samples else float("nan")
 
 
+def spread(samples: Sequence[float]) -> float | None:
+    """(max - min) / median of a figure's samples (None for fewer than two)."""
+    if len(samples) < 2:
+        return None
+    m = median(samples)
+    return (max(samples) - min(samples)) / m if m > 0 else None
+
+
 def rotations(names: Sequence[str], reps: int) -> list[list[str]]:
     """`reps` rounds over `names`, each starting one further along (A B C, B C A, C A B, ...),
     so no contender always runs first (after a pause) or last."""

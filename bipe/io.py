@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +48,56 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the fallback)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new uniquely named folder in `parent`, with the permissions `mkdir` would give it
+    (`tempfile.mkdtemp` makes it 0700, which a cache a group shares cannot have once it is
+    renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # what atomic_write leaves behind if killed
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files `atomic_write` left in `folder` when its process was killed
+    (`.<name>.<pid>.tmp` whose process no longer runs); returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TEMP.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

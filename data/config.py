@@ -227,3 +227,12 @@ def _to_plain_dict(cfg: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"the data config must be a mapping, got {type(cfg).__name__}")
     return {str(k): v for k, v in cfg.items()}
+
+
+def register_data_schema() -> None:
+    """Store `DataConfig` as `schema/data/text` in Hydra's ConfigStore, the schema every corpus
+    config (`conf/data/*.yaml`) names first; `train.py` and `eval.py` both compose those."""
+    from hydra.core.config_store import ConfigStore  # lazy: only callers that compose need Hydra
+
+    ConfigStore.instance().store(group="schema/data", name="text", node=DataConfig,
+                                 package="data")

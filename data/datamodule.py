@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,10 @@ log = logging.getLogger(__name__)
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy/random in a DataLoader worker from torch's per-worker seed (itself seeded)."""
+    """Seed numpy/random in a DataLoader worker from torch's per-worker seed (itself seeded).
+    Workers ignore Ctrl-C: the main process decides when to stop (after the current step) and
+    shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -109,9 +113,13 @@ class LMDataModule(L.LightningDataModule):
         self._ensure_packed()
 
     def setup(self, stage: str | None = None) -> None:
-        """Open (building if needed) the cache; fill tokenizer, eod_id and stats. Idempotent."""
+        """Open (building if needed) the cache; fill tokenizer, eod_id and stats. Idempotent.
+        For `fit`, also check that the training split holds a batch: Lightning asks for the
+        training loader only after the sanity validation, too late to report a bad block size."""
         if self._packed is None:
             self._ensure_packed()
+        if stage == "fit" and not self.cfg.streaming:
+            self.train_dataset()
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints so a resume on different data is noticed."""

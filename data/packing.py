@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bipe.errors import DataError
-from bipe.io import fsync_dir
+from bipe.io import fsync_dir, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +248,7 @@ def load_or_build(root: Path, name: str, key: str, material: dict[str, Any],
             # We hold the lock, so no live builder owns these: leftovers of a killed run.
             log.warning("removing %s, a partial cache folder left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{key}-", dir=root))
+        tmp = make_temp_dir(root, f".tmp-{name}-{key}-")
         try:
             meta = build(tmp)
             meta.update({"pack_version": PACK_VERSION, "key": key, "key_material": material,

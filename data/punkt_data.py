@@ -23,11 +23,11 @@ import functools
 import importlib.metadata
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bipe.errors import DataError
+from bipe.io import make_temp_dir
 
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 
@@ -71,7 +71,7 @@ def ensure_punkt_tab(cache_root: str | os.PathLike[str], language: str = "englis
     if complete():
         return root
     lang_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{language}-", dir=lang_dir.parent))
+    tmp = make_temp_dir(lang_dir.parent, f".tmp-{language}-")
     try:
         for name, text in punkt_tab_files(language).items():
             with open(tmp / name, "w", encoding="utf-8", newline="") as f:

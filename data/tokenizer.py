@@ -103,17 +103,25 @@ def train_or_load_cached(texts: Sequence[str], vocab_size: int, cache_root: str,
     key = text_hash(texts)
     folder = Path(cache_root) / "tokenizers"
     path = folder / f"bpe-v{TOKENIZER_VERSION}-{vocab_size}-{key}.json"
+    checksum = path.with_name(path.name + ".blake2b")  # the JSON's hash, written after it
     if path.is_file():
+        why = "its checksum file is missing"
         try:
-            tok = Tokenizer.from_file(str(path))
-            if tok.token_to_id(eod_token) is not None:
-                log.info("reusing tokenizer %s", path)
-                return tok
+            if checksum.is_file():
+                why = "its bytes do not match its checksum (edited or damaged)"
+                if checksum.read_text(encoding="ascii").strip() == file_hash(path):
+                    tok = Tokenizer.from_file(str(path))
+                    why = f"it lacks the end-of-document token {eod_token!r}"
+                    if tok.token_to_id(eod_token) is not None:
+                        log.info("reusing tokenizer %s", path)
+                        return tok
         except Exception as e:  # a corrupt cached tokenizer is retrained, not fatal
-            log.warning("cached tokenizer %s is unreadable (%s); retraining", path, e)
+            why = f"it is unreadable ({e})"
+        log.warning("cached tokenizer %s is not used: %s; retraining", path, why)
     log.info("training byte-level BPE (vocab %d) on %d documents", vocab_size, len(texts))
     tok = train_bpe(texts, vocab_size, eod_token)
     atomic_write_text(path, tok.to_str())
+    atomic_write_text(checksum, file_hash(path) + "\n")
     return tok
 
 

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bipe.config import HF_SCALING_KEYS, build, normalize_scaling
 from bipe.errors import ConfigError, first_line
+from data.config import register_data_schema
 
 PROTOCOLS = ("blocks", "sliding")
 LENGTH_UNITS = ("multiple", "tokens")
@@ -188,8 +189,10 @@ class EvalRunConfig:
 
 
 def register_eval_configs() -> None:
-    """Store the evaluation schema in Hydra's ConfigStore; call before composing."""
+    """Store the evaluation schema, and the corpus schema `eval.datasets` compose with, in
+    Hydra's ConfigStore; call before composing."""
     ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
+    register_data_schema()
 
 
 def validate_eval_config(cfg: DictConfig) -> EvalRunConfig:

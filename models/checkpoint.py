@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,24 @@ def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") ->
     return p
 
 
+def verify_archive(path: Path, key: str = "checkpoint") -> None:
+    """`CheckpointError` when `path` is a zip archive (what `torch.save` writes) with a member
+    whose bytes fail its CRC-32: `torch.load` does not check them, so a flipped byte inside a
+    tensor would load as a wrong weight. Other files are left to `torch.load` to judge."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{key}={path} cannot be read (truncated or corrupted?): "
+                              f"{first_line(exc)}") from None
+    if bad is not None:
+        raise CheckpointError(f"{key}={path} is corrupted: its part {bad} fails its CRC-32 "
+                              "check (a damaged copy or disk); use another checkpoint of the "
+                              "run (checkpoints/best.ckpt, last.ckpt) or copy it again")
+
+
 def load_checkpoint(path: str | os.PathLike, *, key: str = "checkpoint",
                     map_location: Any = "cpu") -> dict[str, Any]:
     """Read one of our checkpoints with `weights_only=True`.
@@ -77,9 +97,18 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "checkpoint",
     checkpoint written by this project.
     """
     p = resolve_checkpoint_path(path, key)
+    verify_archive(p, key)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "unreadable"
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{key}={p} cannot be read (truncated or corrupted?): "
+                                  f"{first_line(exc)}") from None
+        raise CheckpointError(
+            f"{key}={p} holds Python objects besides tensors and plain values, which this "
+            "project's checkpoints never do: it was not written by train.py, or was altered; "
+            "it is not loaded, since unpickling it could run arbitrary code") from None
+    except Exception as exc:  # zip errors, EOF: all mean "unreadable"
         raise CheckpointError(f"{key}={p} cannot be read (truncated or corrupted?): "
                               f"{first_line(exc)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CHECKPOINT_KEY not in ckpt:

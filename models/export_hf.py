@@ -17,13 +17,12 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, CheckpointError, first_line
-from bipe.io import fsync_dir
+from bipe.io import fsync_dir, make_temp_dir
 from models.config import ModelConfig
 from models.hf_llama import to_llama_state_dict
 from models.transformer import Transformer
@@ -93,7 +92,7 @@ def export_llama(model: Transformer, out: Path) -> Path:
     hf = LlamaForCausalLM(llama)
     hf.load_state_dict(to_llama_state_dict(model), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         hf.save_pretrained(tmp)
         if model.tokenizer is not None:

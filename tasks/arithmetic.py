@@ -436,8 +436,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
                              "and how well consecutive steps line up, with <bos> in the "
                              "question and as a segment of its own")
     args = parser.parse_args(argv)
-    if args.operators < 1 or args.count < 0:
-        parser.error("--operators must be >= 1 and --count >= 0")
+    if not 1 <= args.operators <= MAX_OPERATORS or args.count < 0:
+        parser.error(f"--operators must be in 1..{MAX_OPERATORS} (a chain grows with the square "
+                     "of the count) and --count >= 0")
     rng = random.Random(args.seed)
     if args.stats:
         drawn = [make_example(sample_operator_count(args.operators, rng) if args.mix

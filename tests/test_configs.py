@@ -222,6 +222,10 @@ def test_sweep_job_folder_names_stay_short_and_unique():
     long_b = long_a.replace("key39=39", "key39=40")
     a, b = short_dirname(long_a), short_dirname(long_b)
     assert len(a) == len(b) == 120 and a != b and a.startswith("task.key0=0,")
+    # A value with a path in it must not climb out of the sweep folder (or make a subfolder).
+    for name in ("data.name=../../escaped", "tags=[a/b]", "x=.."):
+        safe = short_dirname(name)
+        assert "/" not in safe and ".." not in safe and safe != short_dirname(name + "1")
 
 
 

@@ -230,7 +230,8 @@ def test_run_killed_while_writing_leaves_nothing_usable(tmp_path, monkeypatch, c
 
 
 def test_batch_size_larger_than_the_corpus(tmp_path):
-    dm = ready(cfg_for(tmp_path, block_size=512, batch_size=64))
+    # At setup("fit"), before Lightning's sanity validation, not when the loader is first asked
+    dm = LMDataModule(cfg_for(tmp_path, block_size=512, batch_size=64))
     with pytest.raises(DataError) as e:
-        dm.train_dataloader()
+        dm.setup("fit")
     assert "data.batch_size" in one_line(e) and "data.block_size" in str(e.value)

@@ -29,6 +29,8 @@ def test_bad_model_shape_exits_2_with_one_line_before_any_data_work(tmp_path):
     assert len(error_lines(result)) == 1 and "model.hidden_size" in error_lines(result)[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()  # failed before touching the data
+    # The run folder says why it holds nothing else.
+    assert error_lines(result)[0] in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_unknown_encoding_lists_the_valid_ones(tmp_path):

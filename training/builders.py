@@ -47,3 +47,6 @@ def trainer(cfg: DictConfig, callbacks: list[Any], logger: Any) -> Any:
         return cls(**kwargs, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     except (ValueError, TypeError) as exc:  # MisconfigurationException is a ValueError
         raise ConfigError(f"trainer: {first_line(exc)}") from exc
+    except ImportError as exc:  # an accelerator whose package is missing (tpu: torch_xla)
+        raise ConfigError(f"trainer.accelerator={kwargs.get('accelerator')!r} needs a package "
+                          f"this machine lacks: {first_line(exc)}") from exc

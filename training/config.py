@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bipe.config import PEConfig, build
 from bipe.errors import ConfigError, first_line
-from data.config import DataConfig
+from data.config import register_data_schema
 from evaluation.config import PathsConfig
 from models.config import DecoderShape, ModelConfig
 from tasks import Task, get_task, load_all
@@ -174,7 +174,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("bipe.dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="schema/data", name="text", node=DataConfig, package="data")
+    register_data_schema()
     cs.store(group="schema/data", name="generated", node=GeneratedDataConfig, package="data")
     for name, task in load_all().items():
         cs.store(group="schema/task", name=name, node=task.config, package="task")

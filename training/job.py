@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -18,11 +20,30 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bipe.errors import BipeError, first_line
 from evaluation.wandb_runs import finish_wandb
+from training.interrupted import TrainingStopped
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXIT_USAGE = 2  # a BipeError: bad config, data or checkpoint
+# Errors that come from the machine, not from the code: a full or read-only disk, no permission.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                      errno.EFBIG: "the file is too large for its file system",
+                      errno.EROFS: "the file system is read-only",
+                      errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line for an `OSError` the machine caused (see `ENVIRONMENT_ERRNOS`), naming the file
+    and the way out; None for any other exception (a bug must keep its traceback)."""
+    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = exc.filename or "a file"
+    fix = ("free space there or point paths.root (outputs) / paths.cache_dir (caches) at "
+           "another disk") if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+        "make it writable or point paths.root (outputs) / paths.cache_dir (caches) at a "
+        "writable folder")
+    return f"cannot use {where}: {ENVIRONMENT_ERRNOS[exc.errno]}; {fix}"
 
 
 def _in_multirun() -> bool:
@@ -53,7 +74,9 @@ def tidy_lightning_output() -> None:
 
 
 def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run `fn(cfg)`; on a `BipeError` print `error: <message>` (one line) and exit with status 2.
+    """Run `fn(cfg)`; on a `BipeError` print `error: <message>` (one line) and exit with status 2;
+    on `TrainingStopped` (SIGINT, SIGTERM) print where to resume from and exit with 128 + the
+    signal number, as a shell reports a process the signal killed.
 
     In a multirun the error is logged and re-raised instead, so Hydra marks this job failed and
     still runs the others. The W&B run is finished in every case (`failed` when `fn` raised), so
@@ -64,15 +87,31 @@ def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         result = fn(cfg)
         failed = False
         return result
-    except BipeError as exc:
-        message = first_line(exc)
+    except TrainingStopped as exc:  # a signal: the checkpoint is written; exit as killed by it
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (BipeError, OSError) as exc:
+        message = first_line(exc) if isinstance(exc, BipeError) else environment_error(exc)
+        if message is None:
+            raise  # an OSError the code caused: keep the traceback
         if _in_multirun():
             log.error("error: %s", message)
             raise
+        _log_to_files(f"error: {message}")  # the run folder says why it ended
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     finally:
         finish_wandb(failed)
+
+
+def _log_to_files(message: str) -> None:
+    """`message` into the run's log file (Hydra's `train.log`) but not onto the console, where
+    the caller prints it as the one `error:` line."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            with contextlib.suppress(OSError):  # the disk that failed may be this file's
+                handler.handle(record)
 
 
 def hydra_error_line(exc: BaseException) -> str:
@@ -106,4 +145,10 @@ def cli(main: Callable[[], object]) -> None:
         main()
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:  # Hydra creating the run folder on a full or read-only disk
+        message = environment_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

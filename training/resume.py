@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 # Keys that may differ between the interrupted run and its resumption without changing training.
 UNTRACKED = ("ckpt_path", "init_from", "paths.", "logger.", "callbacks.", "eval.", "data.cache_dir",
              "data.pack_workers", "extras.", "tags", "compile",
-             "data.num_workers", "data.pin_memory")
+             "data.num_workers", "data.pin_memory",
+             "trainer.default_root_dir", "trainer.enable_progress_bar")  # where, not what
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,17 @@ import rich
 import rich.syntax
 import rich.tree
 import yaml
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bipe.errors import ConfigError
-from bipe.io import atomic_write_json
+from bipe.io import atomic_write_json, remove_stale_temps
 from models.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
 from training import builders
 from training.config import RunSettings, model_config, plain, validate_config
 from training.finetune import apply_finetune
+from training.interrupted import InterruptedCheckpoint, TrainingStopped
 from training.job import tidy_lightning_output
 from training.module import LanguageModel
 from training.resume import check_resume
@@ -144,10 +148,24 @@ def compile_model(run: dict[str, Any], trainer: L.Trainer) -> bool:
 def fit(parts: Parts, ckpt_path: str | None) -> None:
     """Train (or resume); save `last.ckpt` when steps ran after the last validation."""
     trainer, module = parts.trainer, parts.module
-    trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+    stopper = next((c for c in trainer.callbacks if isinstance(c, InterruptedCheckpoint)), None)
     ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and ckpt_cb.dirpath and Path(ckpt_cb.dirpath).is_dir():
+        for stale in remove_stale_temps(ckpt_cb.dirpath):  # a killed run's partial checkpoint
+            log.warning("removed %s, a partial checkpoint left by a killed run", stale)
+    try:
+        trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as exc:  # Lightning's own SIGTERM stop (callbacks.interrupted=null)
+        raise TrainingStopped(signal.SIGTERM, trainer.global_step, None) from exc
+    except SystemExit as exc:  # Lightning exits 1 after a KeyboardInterrupt (a second Ctrl-C)
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        path = stopper.path if stopper and stopper.path.is_file() else None
+        raise TrainingStopped(signal.SIGINT, trainer.global_step, path) from exc
     if ckpt_cb is not None and module.last_saved_step != trainer.global_step:
         trainer.save_checkpoint(Path(ckpt_cb.dirpath) / "last.ckpt")
+    if stopper is not None and stopper.requested is not None:  # asked during the last step:
+        raise TrainingStopped(stopper.requested, trainer.global_step, None)  # skip the report
 
 
 def test(checked: Checked, parts: Parts) -> dict[str, Any]:

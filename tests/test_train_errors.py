@@ -46,6 +46,7 @@ def test_unknown_encoding_lists_the_valid_ones(tmp_path):
     (["+optim.lrr=0.1"], "optim.lrr"),
     (["ckpt_path=/no/such/run.ckpt"], "ckpt_path=/no/such/run.ckpt does not exist"),
     (["init_from=CORRUPT"], "cannot be read"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator='tpu' needs a package"),
 ])
 def test_bad_input_exits_2_with_one_error_line(args, needle, tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from bipe.errors import CheckpointError
-from bipe.io import atomic_write, remove_stale_temps
+from bipe.io import atomic_write, make_temp_dir, remove_stale_temps
 from models.checkpoint import CHECKPOINT_KEY, load_checkpoint, resolve_checkpoint_path, save_atomic
 from tests.conftest import ROOT, compose_train, smoke_overrides
 
@@ -212,6 +213,16 @@ def test_partial_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path
         p.write_bytes(b"partial")
     assert remove_stale_temps(tmp_path) == [left]
     assert live.exists() and other.exists() and not left.exists()
+
+
+def test_cache_folders_get_the_permissions_of_the_umask(tmp_path):
+    # A cache a group shares needs group access; mkdtemp alone would make it 0700.
+    old = os.umask(0o002)
+    try:
+        folder = make_temp_dir(tmp_path, ".tmp-x-")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o775
 
 
 # -- the machine fails -----------------------------------------------------------------------

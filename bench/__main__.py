@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default outputs/bench/<timestamp>)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION", default=None,
                    help=f"run only these sections: {', '.join(SECTIONS)}")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="TOKENS",
+                   help="long-context lengths in tokens, instead of the profile's (e.g. "
+                        "--quick --lengths 2048 8192 32768)")
     p.set_defaults(profile="quick")
     return p.parse_args(argv)
 
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
     command = "python -m bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    md_path, json_path, md = run(PROFILES[args.profile], out, args.only or SECTIONS,
+    profile = PROFILES[args.profile]
+    if args.lengths:
+        if min(args.lengths) < 1:
+            raise SystemExit("python -m bench: error: --lengths must be positive token counts")
+        profile = profile.replace(lc_lengths=tuple(sorted(set(args.lengths))))
+    md_path, json_path, md = run(profile, out, args.only or SECTIONS,
                                  command=command.strip(),
                                  echo=lambda s: print(s, file=sys.stderr, flush=True))
     print(md)

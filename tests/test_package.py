@@ -54,3 +54,13 @@ def test_the_wheel_installs_bipe_alone_and_imports_outside_the_repository(tmp_pa
                          capture_output=True, text=True, timeout=300).stdout.splitlines()
     assert Path(out[0]).is_relative_to(venv) and not Path(out[0]).is_relative_to(ROOT)
     assert out[1] == "[[0, 1, 2, 0, 1]] [[0, 0, 0, 1, 1]]"
+
+
+def test_the_readme_example_of_the_encodings_in_your_own_model_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Use the encodings in your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"{name} (2, 16, 64) (2, 4, 16, 16)"
+                       for name in ("rope", "alibi", "bipe_rope", "bipe_alibi")]

@@ -1,5 +1,6 @@
 """What wraps the entry points: `cli` around Hydra's main (its own errors become one line) and
-`run_job` around every job (a `BipeError` becomes one line, the W&B run is always closed)."""
+`run_job` around every job (a `BipeError` or a full / read-only disk becomes one line, a
+stopping signal an exit status of 128 + its number; the W&B run is always closed)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from training.interrupted import TrainingStopped
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EXIT_USAGE = 2  # a BipeError: bad config, data or checkpoint
+EXIT_USAGE = 2  # a BipeError (bad config, data or checkpoint) or a machine that cannot do it
 # Errors that come from the machine, not from the code: a full or read-only disk, no permission.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                       errno.EFBIG: "the file is too large for its file system",
@@ -74,7 +75,8 @@ def tidy_lightning_output() -> None:
 
 
 def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run `fn(cfg)`; on a `BipeError` print `error: <message>` (one line) and exit with status 2;
+    """Run `fn(cfg)`; on a `BipeError`, or an `OSError` the machine caused (`environment_error`),
+    print `error: <message>` (one line) and exit with status 2;
     on `TrainingStopped` (SIGINT, SIGTERM) print where to resume from and exit with 128 + the
     signal number, as a shell reports a process the signal killed.
 
@@ -108,10 +110,14 @@ def _log_to_files(message: str) -> None:
     """`message` into the run's log file (Hydra's `train.log`) but not onto the console, where
     the caller prints it as the one `error:` line."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            with contextlib.suppress(OSError):  # the disk that failed may be this file's
-                handler.handle(record)
+    quiet, logging.raiseExceptions = logging.raiseExceptions, False  # no "--- Logging error ---"
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                with contextlib.suppress(OSError):  # the disk that failed may be this file's
+                    handler.handle(record)
+    finally:
+        logging.raiseExceptions = quiet
 
 
 def hydra_error_line(exc: BaseException) -> str:

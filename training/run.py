@@ -146,7 +146,8 @@ def compile_model(run: dict[str, Any], trainer: L.Trainer) -> bool:
 
 
 def fit(parts: Parts, ckpt_path: str | None) -> None:
-    """Train (or resume); save `last.ckpt` when steps ran after the last validation."""
+    """Train (or resume); save `last.ckpt` when steps ran after the last validation. A run a
+    signal stopped (Ctrl-C, SIGTERM) raises `TrainingStopped` once its checkpoint is saved."""
     trainer, module = parts.trainer, parts.module
     stopper = next((c for c in trainer.callbacks if isinstance(c, InterruptedCheckpoint)), None)
     ckpt_cb = trainer.checkpoint_callback

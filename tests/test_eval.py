@@ -43,7 +43,8 @@ def test_eval_writes_every_output_and_matches_a_hand_computed_block(two_runs, ca
 
     out = tmp_path / "eval"
     cfg = compose_eval([f"sweep_dir={two_runs}", "eval.max_tokens=32", "eval.lengths=[1,2]",
-                        "eval.datasets=[train]", "eval.lm_infinite.enabled=both"], out, cache_dir)
+                        "eval.datasets=[train]", "eval.lm_infinite.enabled=both",
+                        "logger=none"], out, cache_dir)  # no logger: must not crash at the end
     packed = sorted(p.name for p in (Path(cache_dir) / "packed").iterdir() if p.is_dir())
     evaluate(cfg)
     # The checkpoints' own corpus is read from the cache training built: no second cache.

@@ -75,6 +75,12 @@ def checkpoint_steps(run: Path) -> dict[str, int]:
             for p in sorted((run / "checkpoints").glob("*.ckpt")) if p.name != "interrupted.ckpt"}
 
 
+def dead_pid() -> str:
+    """The pid of a process that has ended."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def run_cli_job(cfg) -> int:
     """`train.py`'s job wrapper in-process: its exit status."""
     from train import train
@@ -119,8 +125,12 @@ def test_a_stopped_run_resumes_as_if_never_stopped(hook, step, kind, status, uni
     interrupted = stopped / "checkpoints" / "interrupted.ckpt"
     assert interrupted.is_file()
     assert not (stopped / "length_eval.json").exists()  # a stopped run skips its report
+    # As if an earlier kill had cut a checkpoint write short: the resume removes the leftover.
+    leftover = stopped / "checkpoints" / f".last.ckpt.{dead_pid()}.tmp"
+    leftover.write_bytes(b"half a checkpoint")
 
     assert run_cli_job(compose_train([*common, f"ckpt_path={stopped}"], resumed)) == 0
+    assert not leftover.exists()
     # The two halves log exactly what the uninterrupted run logged: same steps, same values
     # (a checkpoint one batch off shifts every validation and logged point by a step). A crash
     # mid-step may have logged that step's learning rate already; the resume logs it again.
@@ -204,9 +214,7 @@ def test_a_run_folder_with_only_an_interrupted_checkpoint_resolves_to_it(tmp_pat
 
 
 def test_partial_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    left = tmp_path / f".last.ckpt.{dead}.tmp"
+    left = tmp_path / f".last.ckpt.{dead_pid()}.tmp"
     live = tmp_path / f".best.ckpt.{os.getpid()}.tmp"
     other = tmp_path / ".notes.tmp"  # not ours: no pid
     for p in (left, live, other):

@@ -31,7 +31,12 @@ from omegaconf import DictConfig
 
 from bipe.errors import ConfigError
 from bipe.io import atomic_write_json, remove_stale_temps
-from models.checkpoint import CHECKPOINT_KEY, load_checkpoint, load_weights
+from models.checkpoint import (
+    CHECKPOINT_KEY,
+    load_checkpoint,
+    load_weights,
+    resolve_checkpoint_path,
+)
 from training import builders
 from training.config import RunSettings, model_config, plain, validate_config
 from training.finetune import apply_finetune
@@ -151,8 +156,12 @@ def fit(parts: Parts, ckpt_path: str | None) -> None:
     trainer, module = parts.trainer, parts.module
     stopper = next((c for c in trainer.callbacks if isinstance(c, InterruptedCheckpoint)), None)
     ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and ckpt_cb.dirpath and Path(ckpt_cb.dirpath).is_dir():
-        for stale in remove_stale_temps(ckpt_cb.dirpath):  # a killed run's partial checkpoint
+    # A killed run's partial checkpoints: in this run's folder and in the one it resumes.
+    folders = {Path(ckpt_cb.dirpath)} if ckpt_cb is not None and ckpt_cb.dirpath else set()
+    if ckpt_path:
+        folders.add(resolve_checkpoint_path(ckpt_path, "ckpt_path").parent)
+    for folder in sorted(f for f in folders if f.is_dir()):
+        for stale in remove_stale_temps(folder):
             log.warning("removed %s, a partial checkpoint left by a killed run", stale)
     try:
         trainer.fit(module, datamodule=parts.datamodule, ckpt_path=ckpt_path)

@@ -30,6 +30,7 @@ pins), and the pack version. A warm start computes it without reading the corpus
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -200,10 +201,13 @@ class LMDataModule(L.LightningDataModule):
         seg_stats: dict[str, Any] = {}
         empty_after_tokenizing = 0
         with ParallelEncoder(cfg, tok, workers) as encoder:
+            # One stream over every split, in order: the workers run ahead into validation and
+            # test while this process writes the training split.
+            encoded = encoder.encode([d.text for split in SPLITS for d in corpus.splits[split]])
             for split in SPLITS:
                 writer = SplitWriter(tmp, split, dtype)
                 try:
-                    for ids, flags in encoder.encode([d.text for d in corpus.splits[split]]):
+                    for ids, flags in itertools.islice(encoded, len(corpus.splits[split])):
                         if len(ids) == 0:
                             empty_after_tokenizing += 1
                             continue

@@ -20,7 +20,9 @@ from .config import DataConfig
 from .segment import Segmenter
 from .tokenizer import DocumentEncoder
 
-GROUP_CHARS = 1 << 19  # documents go to the workers in groups of about this many characters
+# Documents go to the workers in groups of about this many characters: a few per worker at
+# least (a Shakespeare play is ~140k), so the last group does not leave the others idle.
+GROUP_CHARS = 1 << 17
 Encoded = tuple[np.ndarray, np.ndarray]  # (ids uint32 [n], boundary bool [n]); n = 0: empty
 
 _WORKER: tuple[DocumentEncoder, Segmenter] | None = None

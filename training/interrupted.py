@@ -108,7 +108,6 @@ class InterruptedCheckpoint(L.Callback):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.requested: int | None = None  # the signal that asked to stop
         self.validated_at = -1  # global step of the last validation that ran to its end
-        self._validating = False
         self._saving: dict[str, Any] | None = None  # how to normalize the checkpoint being saved
         self._previous: dict[int, Any] = {}
 
@@ -136,13 +135,9 @@ class InterruptedCheckpoint(L.Callback):
         self._previous.clear()
 
     # -- where the run is ----------------------------------------------------------------------
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._validating = not trainer.sanity_checking
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.validated_at = trainer.global_step
-        self._validating = False
 
     def _validation_falls_on(self, trainer: L.Trainer, batches: int) -> bool:
         every = trainer.val_check_batch

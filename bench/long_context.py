@@ -21,7 +21,6 @@ import concurrent.futures as cf
 import math
 import multiprocessing as mp
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,37 +32,19 @@ from bench.contenders import hf_llama, ours
 from bench.report import SectionResult, Table, fmt, ratio
 from bench.settings import Profile, Shape
 from bench.timing import median, rotations, spread
+from evaluation.memory import track_peak_memory
 
 HF = "hf-llama-sdpa"
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
 
 
 def timed_peak(fn: Any) -> tuple[float, float]:
-    """(seconds, peak resident-set growth in bytes) of one call, RSS sampled every 2 ms."""
-    base = _rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
+    """(seconds, peak resident-set growth in bytes) of one call, RSS sampled every 2 ms
+    (`evaluation.memory.track_peak_memory`)."""
+    with track_peak_memory("cpu") as memory:
+        t0 = time.perf_counter()
         fn()
-    finally:
         seconds = time.perf_counter() - t0
-        stop.set()
-        thread.join()
-    return seconds, float(max(0, max(peak[0], _rss()) - base))
+    return seconds, float(memory.peak_bytes)
 
 
 @dataclass(frozen=True)

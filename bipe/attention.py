@@ -97,15 +97,12 @@ def block_mask(q_len: int, kv_len: int, past: int, *, n_global: int | None = Non
     built from block bounds in O(blocks^2) integers, never from a `[T, T]` mask."""
     from torch.nn.attention.flex_attention import BlockMask  # lazy: only when flex runs
 
-    def allowed(qi: Tensor, ki: Tensor) -> Tensor:
+    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         q = qi + past
         ok = ki <= q
         if n_local is not None:
             ok = ok & ((q - ki < n_local) | (ki < n_global))
         return ok
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        return allowed(qi, ki)
 
     nq, nk = -(-q_len // block), -(-kv_len // block)
     q_lo = torch.arange(nq, device=device)[:, None] * block + past

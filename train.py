@@ -24,22 +24,40 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from training.config import register_configs
+from training.config import plain, register_configs
 from training.job import cli, run_job
+from training.study import mark_invocation, plan
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("BIPE_ROOT", str(ROOT))  # conf/paths/default.yaml: paths.root
 register_configs()
+mark_invocation()  # the jobs this process launches share its study limits (training/study.py)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """One run from a composed config; returns the final metrics."""
+    """One run from a composed config; returns the final metrics. A run of a study
+    (`study.name`) whose record exists returns the recorded metrics, one past the invocation's
+    limits returns none, and one whose folder holds a checkpoint resumes from it."""
+    study = plan(plain(cfg))
+    if study is not None:
+        recorded = study.recorded_metrics()
+        if recorded is not None:
+            print(f"{study.label}: recorded in {study.record_path}; skipped")
+            return recorded
+        if not study.claim():
+            return {}
+        if not cfg.ckpt_path:
+            cfg.ckpt_path = study.resume_point()
+
     from training import run  # lazy: imports torch and Lightning, after Hydra composed the config
 
     checked = run.check(cfg)
     parts = run.instantiate(cfg, checked)
     run.fit(parts, cfg.ckpt_path)
-    return run.test(checked, parts)
+    metrics = run.test(checked, parts)
+    if study is not None and metrics:  # the first process of several writes the record
+        study.write()
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

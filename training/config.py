@@ -32,6 +32,7 @@ from models.config import DecoderShape, ModelConfig
 from tasks import Task, get_task, load_all
 from tasks.base import GeneratedDataConfig
 from training.schedule import SCHEDULES
+from training.study import StudyConfig, run_folder_name
 
 
 def _number(value: Any, key: str, *, integer: bool = False) -> float:
@@ -151,6 +152,7 @@ class TrainConfig:
     callbacks: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)  # training/study.py
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
@@ -172,6 +174,8 @@ def register_configs() -> None:
     call before composing."""
     if not OmegaConf.has_resolver("bipe.dirname"):
         OmegaConf.register_new_resolver("bipe.dirname", short_dirname)
+    if not OmegaConf.has_resolver("bipe.study_run"):
+        OmegaConf.register_new_resolver("bipe.study_run", run_folder_name)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     register_data_schema()
@@ -270,6 +274,7 @@ def validate_config(cfg: DictConfig) -> RunSettings:
     evaluation = build(LengthEvalConfig, run["eval"] or {}, "eval")
     build(PathsConfig, run["paths"] or {}, "paths")
     build(ExtrasConfig, run["extras"] or {}, "extras")
+    build(StudyConfig, run["study"] or {}, "study")
     if not isinstance(run["tags"], list) or not all(isinstance(t, str) for t in run["tags"]):
         raise ConfigError(f"tags={run['tags']!r} must be a list of strings")
     task_node = run["task"] or {}

@@ -16,10 +16,11 @@ from bipe.io import atomic_write  # noqa: E402
 from evaluation.stats import Spread  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> None:
-    """Write the figure as PNG atomically (`bipe.io.atomic_write`) and close it."""
+def _save(fig: plt.Figure, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the figure as PNG atomically (`bipe.io.atomic_write`) and close it; `metadata`
+    becomes PNG text chunks (e.g. `{"Description": ...}`)."""
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata=metadata))
     finally:
         plt.close(fig)
 
@@ -52,7 +53,8 @@ def _label_log_axis(ax: plt.Axes, values: list[float], ticks: int = 6) -> None:
 
 def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
                        train_length: int | None, path: str | Path,
-                       title: str = "Perplexity against length") -> Path:
+                       title: str = "Perplexity against length",
+                       metadata: dict[str, str] | None = None) -> Path:
     """One line per model: `curves[label] = [(length, ppl or its Spread over seeds), ...]`;
     log-scale perplexity; a Spread over several seeds is drawn with its 95% interval as a band.
 
@@ -88,7 +90,7 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, metadata)
     return Path(path)
 
 
@@ -152,7 +154,8 @@ def plot_passkey_heatmap(rows: list[dict], path: str | Path, title: str) -> Path
 
 def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, Spread | float]]]],
                             path: str | Path, metric: str = "accuracy",
-                            title: str = "Accuracy against hidden size") -> Path:
+                            title: str = "Accuracy against hidden size",
+                            metadata: dict[str, str] | None = None) -> Path:
     """One panel per evaluation setting, one line per encoding:
     `panels[setting][label] = [(hidden_size, accuracy in [0, 1] or its Spread over seeds)]`;
     a Spread over several seeds is drawn with its 95% interval as error bars."""
@@ -174,5 +177,5 @@ def plot_accuracy_vs_hidden(panels: dict[str, dict[str, list[tuple[int, Spread |
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, metadata)
     return Path(path)

@@ -57,7 +57,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _defining(key: str) -> bool:
-    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_DEFINING)
+    return not any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p))
+                   for p in NOT_DEFINING)
 
 
 def definition(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,21 @@
 """Read a tuning sweep and choose each encoding's learning rate on the validation metric.
 
     python train.py -m experiment=arithmetic_sweep hparams_search=arithmetic_lr
-    python -m evaluation.tuning multirun/<day>/<time>
-    python -m evaluation.tuning multirun/<day>/<time> --write conf/tuned/arithmetic_sweep
+    python -m evaluation.tuning results/arithmetic_sweep
+    python -m evaluation.tuning results/arithmetic_sweep --write conf/tuned/arithmetic_sweep
+    python -m evaluation.tuning multirun/<day>/<time>       # a plain sweep folder works too
 
-Every job of the sweep writes `metrics.json` (its final metrics) and says in `.hydra/config.yaml`
-which one it optimises (`optimized_metric`: a validation metric, never a test one). This command
-prints, per encoding, the metric at each learning rate (mean over seeds when the grid has
-several) and the best one: lowest for a loss or perplexity, highest otherwise. A best value on
-the edge of the grid is flagged: the optimum may lie outside it. `--write DIR` stores each best
-as `DIR/<pe>.yaml`, which `conf/train.yaml` loads for `experiment=<DIR's name>`.
+A study's tuning grid leaves one record per finished run in `results/<study>/`
+(`evaluation.records`; those the `hparams_search` config made are marked with the stage
+`tuning`); the metric is the study's `optimized_metric` (`conf/experiment/<study>.yaml`: a
+validation metric, never a test one). A plain sweep folder has `metrics.json` in each finished
+job and the metric in `.hydra/config.yaml`. This command prints, per encoding, the metric at
+each learning rate (mean over seeds when the grid has several) and the best one: lowest for a
+loss or perplexity, highest otherwise. A best value on the edge of the grid is flagged: the
+optimum may lie outside it. A job that failed or has not finished is named, and a grid with a
+hole is reported as incomplete: `--write` refuses it, since the missing point might be the
+best. `--write DIR` stores each best as `DIR/<pe>.yaml`, which `conf/train.yaml` loads for
+`experiment=<DIR's name>`.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import yaml
 
 from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
+from evaluation.records import format_value, load_records
 from evaluation.stats import Spread
 from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
 
 LR_KEY = "optim.lr"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -42,6 +50,7 @@ class TuningResult:
     by_lr: dict[float, Spread]
     best_lr: float
     at_edge: bool
+    missing: list[float]  # learning rates of the grid this cell has no finished run at
 
 
 def minimise(metric: str) -> bool:
@@ -51,10 +60,13 @@ def minimise(metric: str) -> bool:
 
 
 def load_runs(sweep_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    """`(optimized_metric, runs)`: each run's overrides, seed and final metrics."""
+    """`(optimized_metric, runs)`: each finished run's overrides, seed and final metrics, from a
+    study's records (`results/<study>`) or a sweep folder's jobs."""
     if not sweep_dir.is_dir():
-        raise DataError(f"sweep folder {sweep_dir} does not exist; pass the folder of a "
-                        "`python train.py -m ... hparams_search=...` sweep")
+        raise DataError(f"sweep folder {sweep_dir} does not exist; pass results/<study> or the "
+                        "folder of a `python train.py -m ... hparams_search=...` sweep")
+    if any(sweep_dir.glob("*.json")):
+        return load_record_runs(sweep_dir)
     runs, metrics_named = [], set()
     for path in sorted(sweep_dir.glob("*/metrics.json")):
         job = path.parent
@@ -73,9 +85,47 @@ def load_runs(sweep_dir: Path) -> tuple[str, list[dict[str, Any]]]:
                      "metrics": data["metrics"]})
     if not runs:
         raise DataError(f"no */metrics.json under {sweep_dir}: its jobs have not finished")
+    for job in unfinished_jobs(sweep_dir):
+        print(f"unfinished: {job} has no metrics.json (it failed or is still running; see its "
+              "train.log); it is left out", file=sys.stderr)
     if len(metrics_named) > 1:
         raise DataError(f"{sweep_dir} mixes optimized metrics {sorted(metrics_named)}")
     return metrics_named.pop(), runs
+
+
+def unfinished_jobs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (those with `.hydra/`) that wrote no `metrics.json`."""
+    return [job for job in sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra"))
+            if not (job / "metrics.json").is_file()]
+
+
+def study_metric(study: str) -> str:
+    """The `optimized_metric` of `conf/experiment/<study>.yaml`."""
+    path = CONF / "experiment" / f"{study}.yaml"
+    name = (yaml.safe_load(path.read_text()) or {}).get("optimized_metric") \
+        if path.is_file() else None
+    if not name:
+        raise DataError(f"{path} names no optimized_metric; pass --metric")
+    return name
+
+
+def load_record_runs(folder: Path, metric: str | None = None
+                     ) -> tuple[str, list[dict[str, Any]]]:
+    """`(metric, runs)` from the tuning records of a study (`stages` holds `tuning`)."""
+    records = [r for r in load_records(folder) if "tuning" in r.data.get("stages", [])]
+    if not records:
+        raise DataError(f"no tuning records in {folder}: run the study's tuning grid first "
+                        f"(python train.py -m experiment={folder.name} hparams_search=...)")
+    metric = metric or study_metric(records[0].study)
+    runs = []
+    for r in records:
+        if LR_KEY not in r.cell:
+            raise DataError(f"{r.path} does not name {LR_KEY} in its cell; add it to study.cell")
+        runs.append({"job": str(r.path), "seed": r.seed,
+                     "overrides": {k: format_value(v) for k, v in r.cell.items()},
+                     "metrics": {k: (float("nan") if v is None else v)
+                                 for k, v in r.metrics.items()}})
+    return metric, runs
 
 
 def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
@@ -92,6 +142,7 @@ def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
         members[Cell.of(run["overrides"])].append((run["seed"], run["job"]))
     check_distinct_seeds(members)
     lower = minimise(metric)
+    grid = sorted({lr for by_lr in values.values() for lr in by_lr})
     results = []
     for cell, by_lr in values.items():
         spreads = {lr: Spread.of(v) for lr, v in sorted(by_lr.items())}
@@ -99,9 +150,9 @@ def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
         if not finite:
             raise DataError(f"every run of {cell.label()} diverged ({metric} is not finite)")
         best = (min if lower else max)(finite, key=finite.get)
-        lrs = list(spreads)
-        results.append(TuningResult(cell, spreads, best, len(lrs) > 1 and best in (lrs[0],
-                                                                                  lrs[-1])))
+        edge = len(grid) > 1 and best in (grid[0], grid[-1])
+        results.append(TuningResult(cell, spreads, best, edge,
+                                    [lr for lr in grid if lr not in by_lr]))
     return sorted(results, key=lambda r: r.cell.items)
 
 
@@ -121,6 +172,8 @@ def format_table(metric: str, results: Sequence[TuningResult]) -> str:
             text = "-" if s is None else f"{s.mean:.4g}" + ("*" if lr == r.best_lr else " ")
             cells.append(f"{text:>12}")
         edge = "  (grid edge)" if r.at_edge else ""
+        if r.missing:
+            edge += f"  (incomplete: no run at {', '.join(f'{lr:g}' for lr in r.missing)})"
         lines.append(label.ljust(width) + "".join(cells) + f"{r.best_lr:>12g}{edge}")
     return "\n".join(lines)
 
@@ -128,6 +181,11 @@ def format_table(metric: str, results: Sequence[TuningResult]) -> str:
 def write_tuned(out: Path, sweep_dir: Path, metric: str,
                 results: Sequence[TuningResult]) -> list[Path]:
     """`out/<pe>.yaml` setting `optim.lr` for each tuned encoding (a sweep over pe only)."""
+    holes = [f"{r.cell.label()} at lr {', '.join(f'{lr:g}' for lr in r.missing)}"
+             for r in results if r.missing]
+    if holes:
+        raise DataError(f"the grid is incomplete ({'; '.join(holes)}): finish those runs "
+                        "before choosing, the missing point might be the best")
     others = [k for k in varying_keys(r.cell for r in results) if k != "pe"]
     if others or any(r.cell.get("pe") is None for r in results):
         raise DataError(f"--write stores one learning rate per encoding, but this sweep also "
@@ -152,13 +210,19 @@ def write_tuned(out: Path, sweep_dir: Path, metric: str,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.tuning",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="the tuning sweep (multirun/<day>/<time>)")
+    parser.add_argument("sweep_dir", type=Path,
+                        help="a study's records (results/<study>) or a sweep folder")
+    parser.add_argument("--metric", default=None,
+                        help="the metric to choose on; default: the study's optimized_metric")
     parser.add_argument("--write", type=Path, default=None, metavar="DIR",
                         help="write DIR/<pe>.yaml with each encoding's best lr "
                              "(e.g. conf/tuned/arithmetic_sweep)")
     args = parser.parse_args(argv)
     try:
-        metric, runs = load_runs(args.sweep_dir)
+        if args.metric and any(args.sweep_dir.glob("*.json")):
+            metric, runs = load_record_runs(args.sweep_dir, args.metric)
+        else:
+            metric, runs = load_runs(args.sweep_dir)
         results = choose(metric, runs)
         print(format_table(metric, results))
         print(f"{len(runs)} runs in {args.sweep_dir}")

@@ -1,0 +1,496 @@
+"""Every study table, figure and verdict of the README, generated from the records in results/.
+
+    python -m evaluation.report            # rewrite the README's generated blocks and figures
+    python -m evaluation.report --check    # exit 1 with a diff if the README disagrees
+
+The README holds blocks between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; this command
+rewrites each from `results/<study>/*.json` (`evaluation.records`) and draws the figures into
+`results/figures/`, each PNG carrying a hash of the numbers it shows, which `--check` compares.
+Nobody types a result: a table that disagrees with its records fails the test suite.
+
+Each study table shows, per cell, the mean and the half-width of the 95% interval over its seeds
+and their number; the comparisons show the paired per-seed differences and the verdict by the
+rule of `evaluation.verdicts`. Cells of the study's sweep (`conf/experiment/<study>.yaml`) without
+a record are listed under the table: not yet run, failed, or deferred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bipe.errors import BipeError, DataError
+from bipe.io import atomic_write_text
+from evaluation.records import Record, format_value, read_record
+from evaluation.stats import Spread
+from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
+                  re.S)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each study reports
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper that encoding `a` beats `b`: on `metric`, within `where`."""
+
+    a: str
+    b: str
+    metric: str  # a record metric, or `growth_<k>x` (perplexity at k x over that at 1x)
+    where: dict[str, Any] = field(default_factory=dict)  # e.g. {"model.hidden_size": 48}
+    about: str = ""  # what the metric measures, as the table says it
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """How a study's records become a table: rows, columns, the comparisons."""
+
+    name: str
+    title: str
+    rows: tuple[str, ...]  # cell keys that name a row (besides optim.lr, always shown)
+    columns: Callable[[Sequence[Record]], list[tuple[str, str]]]  # (header, metric)
+    higher_is_better: bool
+    percent: bool
+    claims: tuple[Claim, ...]
+    pe_order: tuple[str, ...]
+
+
+def _task_columns(suffix: str) -> Callable[[Sequence[Record]], list[tuple[str, str]]]:
+    def columns(records: Sequence[Record]) -> list[tuple[str, str]]:
+        names: list[str] = []
+        for r in records:
+            for row in r.data.get("results", []):
+                if row.get("setting") and row["setting"] not in names:
+                    names.append(row["setting"])
+        return [(n, f"test/{n}/{suffix}") for n in names]
+    return columns
+
+
+def _length_columns(records: Sequence[Record]) -> list[tuple[str, str]]:
+    multiples = sorted({int(k.removeprefix("eval/ppl_").removesuffix("x")) for r in records
+                        for k in r.metrics if re.fullmatch(r"eval/ppl_\d+x", k)})
+    return [(f"{m}x", f"eval/ppl_{m}x") for m in multiples]
+
+
+HIDDEN = "model.hidden_size"
+STUDIES = {
+    "text_sweep": StudySpec(
+        "text_sweep", "Text: test perplexity against length (Shakespeare, trained on 256 tokens)",
+        rows=("pe",), columns=_length_columns, higher_is_better=False, percent=False,
+        claims=(Claim("bipe_alibi", "alibi", "eval/ppl_8x", about="perplexity at 8x"),
+                Claim("bipe_alibi", "alibi", "growth_16x", about="growth 16x / 1x"),
+                Claim("bipe_rope", "rope", "eval/ppl_4x", about="perplexity at 4x"),
+                Claim("bipe_rope", "rope", "growth_16x", about="growth 16x / 1x"),
+                Claim("bipe_alibi", "bipe_alibi_x1", "eval/ppl_16x", about="perplexity at 16x"),
+                Claim("bipe_alibi", "alibi_x11", "eval/ppl_16x", about="perplexity at 16x")),
+        pe_order=("rope", "bipe_rope", "alibi", "bipe_alibi", "alibi_x11", "bipe_alibi_x1")),
+    "arithmetic_sweep": StudySpec(
+        "arithmetic_sweep", "Arithmetic (mod 11, chain of thought): test accuracy, trained on "
+        "4 operators", rows=("pe", HIDDEN), columns=_task_columns("accuracy"),
+        higher_is_better=True, percent=True,
+        claims=tuple(Claim(a, b, "test/ops_4/accuracy", {HIDDEN: h}, "accuracy, 4 operators")
+                     for h in (32, 48, 64) for a, b in (("bipe_alibi", "alibi"),
+                                                        ("bipe_rope", "rope"))),
+        pe_order=("rope", "bipe_rope", "alibi", "bipe_alibi")),
+    "bi_nfa_sweep": StudySpec(
+        "bi_nfa_sweep", "Bi-NFA: test sequence accuracy, trained on 8 segments",
+        rows=("pe", HIDDEN), columns=_task_columns("sequence_accuracy"), higher_is_better=True,
+        percent=True,
+        claims=tuple(Claim(a, b, f"test/{s}/sequence_accuracy", {HIDDEN: h}, about)
+                     for h in (16, 32, 64) for a, b, s, about in (
+                         ("bipe_alibi", "alibi", "seg_8", "in distribution"),
+                         ("bipe_rope", "rope", "seg_8", "in distribution"),
+                         ("bipe_alibi", "bipe_alibi_x1", "seg_16", "2x segments"),
+                         ("bipe_alibi", "alibi_x16", "seg_16", "2x segments"))),
+        pe_order=("rope", "bipe_rope", "alibi", "bipe_alibi", "alibi_x16", "bipe_alibi_x1")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def study_records(results: Path, study: str) -> list[Record]:
+    """The records of a study that serve the study itself (stage `study`), not only its tuning
+    grid; [] when there are none yet."""
+    folder = results / study
+    if not folder.is_dir():
+        return []
+    records = [read_record(p) for p in sorted(folder.glob("*.json"))]
+    return [r for r in records if "study" in r.data.get("stages", ["study"])]
+
+
+def has(record: Record, metric: str) -> bool:
+    """Whether `value(record, metric)` exists."""
+    growth = re.fullmatch(r"growth_(\d+)x", metric)
+    needs = [f"eval/ppl_{growth.group(1)}x", "eval/ppl_1x"] if growth else [metric]
+    return all(n in record.metrics for n in needs)
+
+
+def value(record: Record, metric: str) -> float:
+    """A metric of a record; `growth_<k>x` is perplexity at k x over that at 1x."""
+    growth = re.fullmatch(r"growth_(\d+)x", metric)
+    if growth:
+        return record.metric(f"eval/ppl_{growth.group(1)}x") / record.metric("eval/ppl_1x")
+    return record.metric(metric)
+
+
+def expected_cells(study: str, conf: Path) -> list[dict[str, str]]:
+    """The cells and seeds of a study's sweep (`hydra.sweeper.params` of its experiment), as
+    `{key: value}` strings, e.g. `{"pe": "rope", "model.hidden_size": "48", "seed": "0"}`."""
+    path = conf / "experiment" / f"{study}.yaml"
+    if not path.is_file():
+        return []
+    params = (((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("sweeper")
+              or {}).get("params") or {}
+    keys = list(params)
+    grids = [str(params[k]).split(",") for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grids)]
+
+
+def missing_cells(records: Sequence[Record], expected: Sequence[dict[str, str]]) -> list[str]:
+    """The expected cells and seeds that no record covers, as `pe=rope,hidden_size=48,seed=2`."""
+    have = set()
+    for r in records:
+        cell = {**{k: format_value(v) for k, v in r.cell.items()}, "seed": str(r.seed)}
+        have.add(tuple(sorted(cell.items())))
+    out = []
+    for want in expected:
+        if not any(all(dict(h).get(k) == v for k, v in want.items()) for h in have):
+            out.append(",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in want.items()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def fmt(spread: Spread | None, percent: bool, signed: bool = False) -> str:
+    """`mean ± half-width` (in % points for rates), the mean alone for one seed, `-` for none."""
+    if spread is None:
+        return "-"
+    scale, digits = (100.0, 1) if percent else (1.0, 2)
+    sign = "+" if signed else ""
+    mean = f"{scale * spread.mean:{sign}.{digits}f}"
+    if spread.n < 2:
+        return mean
+    return f"{mean} ± {scale * spread.ci95:.{digits}f}"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A markdown table; the first `left` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":")
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _row_key(spec: StudySpec, r: Record) -> tuple[Any, ...]:
+    return tuple(r.cell.get(k) for k in spec.rows) + (r.cell.get("optim.lr"),)
+
+
+def _order(spec: StudySpec, key: tuple[Any, ...]) -> tuple[Any, ...]:
+    pe = key[0]
+    rank = spec.pe_order.index(pe) if pe in spec.pe_order else len(spec.pe_order)
+    return (*key[1:-1], rank, str(pe), key[-1] or 0)
+
+
+def study_table(spec: StudySpec, records: Sequence[Record]) -> tuple[str, dict[str, Any]]:
+    """The study's markdown table and the numbers it shows (for the figure and its hash)."""
+    columns = spec.columns(records)
+    groups: dict[tuple[Any, ...], list[Record]] = {}
+    for r in records:
+        groups.setdefault(_row_key(spec, r), []).append(r)
+    header = [*(k.rsplit(".", 1)[-1] for k in spec.rows), "lr", "seeds",
+              *(h for h, _ in columns)]
+    growth = not spec.percent and any(h == "1x" for h, _ in columns) and len(columns) > 1
+    if growth:
+        last = columns[-1][0]
+        header.append(f"growth {last}/1x")
+    rows, data = [], {}
+    for key in sorted(groups, key=lambda k: _order(spec, k)):
+        members = groups[key]
+        line = [format_value(v) for v in key[:-1]] + [format_value(key[-1] or "-"),
+                                                      str(len(members))]
+        numbers = {}
+        for h, metric in columns:
+            vals = [v for v in (value(r, metric) for r in members if has(r, metric))
+                    if math.isfinite(v)]
+            spread = Spread.of(vals) if vals else None
+            line.append(fmt(spread, spec.percent))
+            numbers[h] = None if spread is None else [spread.mean, spread.ci95, spread.n]
+        if growth:
+            vals = [value(r, f"growth_{last}") for r in members if has(r, f"growth_{last}")]
+            line.append(fmt(Spread.of(vals), False) + "x" if vals else "-")
+        rows.append(line)
+        data[",".join(line[:len(spec.rows) + 1])] = numbers
+    return markdown(header, rows, left=len(spec.rows)), data
+
+
+def comparisons(spec: StudySpec, records: Sequence[Record]) -> tuple[str, list[dict[str, Any]]]:
+    """The paired comparisons of the study's claims: a markdown table and one dict per claim."""
+    rows, out = [], []
+    for c in spec.claims:
+        def val(r: Record, metric: str = c.metric) -> float:
+            return value(r, metric) if has(r, metric) else math.nan
+        pair = Paired.of(by_seed(records, {"pe": c.a, **c.where}, val),
+                         by_seed(records, {"pe": c.b, **c.where}, val))
+        higher = spec.higher_is_better and not c.metric.startswith("growth_")
+        result = verdict(pair.diff, higher) if pair.seeds else "no records"
+        need = seeds_to_resolve(pair.diff) if result == "not shown" else None
+        where = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in c.where.items())
+        percent = spec.percent and not c.metric.startswith("growth_")
+        note = f"; ~{need} seeds would resolve it" if need else ""
+        rows.append([f"{c.a} vs {c.b}", where or "-", c.about, str(len(pair.seeds)),
+                     fmt(pair.a, percent), fmt(pair.b, percent),
+                     fmt(pair.diff, percent, signed=True), result + note])
+        out.append({"claim": c, "pair": pair, "verdict": result, "seeds_needed": need})
+    header = ["A vs B", "where", "measure", "seeds", "A", "B", "A - B (paired)", "verdict"]
+    return markdown(header, rows, left=3), out
+
+
+def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base: Path,
+                draw: bool = True) -> tuple[str, dict[str, Any]]:
+    """The README block of one study: table, missing cells, comparisons, figure link (relative
+    to `base`, the README's folder); the figure is drawn when `draw`."""
+    records = study_records(results, spec.name)
+    if not records:
+        return (f"No records in `results/{spec.name}/` yet: run "
+                f"`python train.py -m experiment={spec.name}`.\n"), {}
+    table, numbers = study_table(spec, records)
+    seeds = sorted({len([r for r in records if _row_key(spec, r) == _row_key(spec, x)])
+                    for x in records})
+    count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    lines = [f"**{spec.title}.** Mean ± half-width of the 95% interval over the seeds of each "
+             f"row ({count}; Student's t; a row of one seed shows its value alone). "
+             f"{len(records)} records in `results/{spec.name}/`.", "", table, ""]
+    missing = missing_cells(records, expected_cells(spec.name, conf))
+    if missing:
+        lines += [f"Not yet recorded ({len(missing)} of the sweep's runs: not run, deferred or "
+                  f"failed; `studies/{spec.name}/<run>/train.log` says which): "
+                  + ", ".join(f"`{m}`" for m in missing), ""]
+    comp, verdicts = comparisons(spec, records)
+    lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
+              comp, ""]
+    figure = draw_figure(spec, records, numbers, figures, draw)
+    if figure is not None:
+        link = Path(os.path.relpath(figure, base)).as_posix()
+        lines += [f"![{spec.name}]({link})", ""]
+    return "\n".join(lines), {"numbers": numbers, "verdicts": verdicts, "records": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+def data_hash(numbers: Any) -> str:
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
+
+
+def draw_figure(spec: StudySpec, records: Sequence[Record], numbers: dict[str, Any],
+                folder: Path, draw: bool = True) -> Path | None:
+    """`results/figures/<study>.png` (perplexity against length, or accuracy against hidden
+    size), tagged with the hash of the numbers it shows; drawn only when `draw`."""
+    path = folder / f"{spec.name}.png"
+    if not draw or not numbers:
+        return path if numbers else None
+    from evaluation.plots import plot_accuracy_vs_hidden, plot_ppl_vs_length  # lazy: matplotlib
+
+    tag = {"Description": f"bipe-report {data_hash(numbers)}"}
+    if spec.percent:
+        panels: dict[str, dict[str, list[tuple[int, Spread]]]] = {}
+        for label, cols in numbers.items():
+            pe, hidden = label.split(",")[:2]
+            for setting, v in cols.items():
+                if v is not None:
+                    panels.setdefault(setting, {}).setdefault(pe, []).append(
+                        (int(hidden), _spread(v)))
+        plot_accuracy_vs_hidden(panels, path, title=spec.title, metadata=tag)
+    else:
+        block = int(records[0].data.get("definition", {}).get("data.block_size", 0)) or None
+        curves = {label.split(",")[0]: [(int(float(h.removesuffix("x")) * (block or 1)),
+                                         _spread(v)) for h, v in cols.items() if v is not None]
+                  for label, cols in numbers.items()}
+        plot_ppl_vs_length(curves, block, path, title=spec.title, metadata=tag)
+    return path
+
+
+def _spread(v: Sequence[float]) -> Spread:
+    mean, ci95, n = v
+    return Spread(mean, math.nan, ci95, int(n), mean, mean)
+
+
+def figure_hash(path: Path) -> str | None:
+    """The data hash a figure was drawn with (None for a missing or untagged PNG)."""
+    if not path.is_file():
+        return None
+    from PIL import Image  # lazy: only --check reads figures
+
+    with Image.open(path) as image:
+        text = image.info.get("Description", "")
+    return text.removeprefix("bipe-report ") if text.startswith("bipe-report ") else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's claims
+# ---------------------------------------------------------------------------------------------
+
+PAPER_ROWS = (
+    ("Arithmetic capacity, hidden 48: BiPE-ALiBi beats ALiBi", "97% vs below 70%",
+     "arithmetic_sweep", 2),
+    ("Arithmetic capacity, hidden 48: BiPE-RoPE beats RoPE", "95% vs below 70%",
+     "arithmetic_sweep", 3),
+    ("Bi-NFA capacity, hidden 16: BiPE-ALiBi beats ALiBi", "smaller hidden size suffices "
+     "(theory)", "bi_nfa_sweep", 0),
+    ("Bi-NFA capacity, hidden 16: BiPE-RoPE beats RoPE", "smaller hidden size suffices "
+     "(theory)", "bi_nfa_sweep", 1),
+    ("Text past the training length: BiPE-ALiBi beats ALiBi (level)",
+     "PG-19 ppl at 8x: 25.24 vs 28.59", "text_sweep", 0),
+    ("Text past the training length: BiPE-RoPE beats RoPE (level)",
+     "PG-19 ppl at 4x: 19.67 vs 158", "text_sweep", 2),
+)
+NOT_STUDIED = (
+    ("YaRN fine-tuning: BiPE-RoPE + YaRN stays flat where RoPE + YaRN degrades",
+     "flat to 20k vs degrading at 11k-16k",
+     "not run as a study: one fine-tuning run per model (README, YaRN)"),
+    ("LM-Infinite keeps RoPE and BiPE-RoPE fluent past the training length",
+     "fluent to 32k+ (LM-Infinite paper)",
+     "not run as a study: one seed per model (README, Length extrapolation in two commands)"),
+    ("SCROLLS: BiPE-RoPE beats RoPE after fine-tuning", "average 22.36 vs 18.38",
+     "not runnable offline: needs the SCROLLS data from the Hugging Face hub"),
+)
+
+
+def paper_block(done: dict[str, dict[str, Any]]) -> str:
+    """One row per claim: the paper's figure, ours, the verdict, the evidence where it differs."""
+    rows = []
+    for claim, paper, study, index in PAPER_ROWS:
+        info = done.get(study, {}).get("verdicts")
+        if not info or info[index]["verdict"] == "no records":
+            rows.append([claim, paper, f"no records of both in results/{study}/ yet", "not run",
+                         ""])
+            continue
+        v = info[index]
+        pair, c = v["pair"], v["claim"]
+        percent = STUDIES[study].percent
+        ours = (f"{fmt(pair.a, percent)} vs {fmt(pair.b, percent)}; A - B "
+                f"{fmt(pair.diff, percent, signed=True)} ({len(pair.seeds)} seeds)")
+        evidence = ""
+        if v["verdict"] != "reproduced":
+            need = v["seeds_needed"]
+            evidence = (f"the interval contains zero; ~{need} seeds would resolve a difference "
+                        "of this size" if need else "see the study's table")
+            growth = next((g for g in info if g["claim"].a == c.a and g["claim"].b == c.b
+                           and g["claim"].metric.startswith("growth_")), None)
+            if growth is not None and growth["pair"].diff is not None:
+                evidence += (f"; growth {growth['claim'].metric.removeprefix('growth_')}/1x: "
+                             f"{growth['verdict']}")
+        rows.append([claim, paper, ours, v["verdict"], evidence])
+    for claim, paper, why in NOT_STUDIED:
+        rows.append([claim, paper, "-", "not run", why])
+    return markdown(["claim", "paper", "this project (mean ± 95% interval)", "verdict",
+                     "evidence"], rows, left=5) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The README
+# ---------------------------------------------------------------------------------------------
+
+def blocks(results: Path, conf: Path, figures: Path, base: Path, draw: bool = True
+           ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Every generated block's text by marker name, and each study's numbers and verdicts."""
+    out, done = {}, {}
+    for name, spec in STUDIES.items():
+        out[name], done[name] = study_block(spec, results, conf, figures, base, draw)
+    out["paper"] = paper_block(done)
+    return out, done
+
+
+def render(readme: str, generated: dict[str, str]) -> str:
+    """`readme` with each marked block replaced; DataError for a marker with no generator."""
+    def replace(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in generated:
+            raise DataError(f"README.md has a block <!-- report:{name} --> that nothing "
+                            f"generates; known blocks: {', '.join(generated)}")
+        return f"<!-- report:{name} -->\n{generated[name]}<!-- /report:{name} -->"
+    return MARK.sub(replace, readme)
+
+
+def check(readme_path: Path, results: Path, conf: Path, figures: Path) -> list[str]:
+    """The differences between the README (and its figures) and what the records give; the
+    figures are compared by the hash of the numbers they were drawn from, not redrawn."""
+    current = readme_path.read_text()
+    generated, done = blocks(results, conf, figures, readme_path.parent, draw=False)
+    problems = [f"README.md has no block <!-- report:{n} -->" for n in generated
+                if f"<!-- report:{n} -->" not in current]
+    for name, info in done.items():
+        if info.get("numbers"):
+            want, have = data_hash(info["numbers"]), figure_hash(figures / f"{name}.png")
+            if have != want:
+                problems.append(f"{figures / name}.png was not drawn from the current records "
+                                f"(its hash {have}, the records' {want})")
+    expected = render(current, generated)
+    if expected != current:
+        diff = difflib.unified_diff(current.splitlines(), expected.splitlines(),
+                                    "README.md", "README.md (from results/)", lineterm="", n=1)
+        problems.append("\n".join(diff))
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 with a diff when the README disagrees")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    args = parser.parse_args(argv)
+    conf, figures = ROOT / "conf", args.results / "figures"
+    try:
+        if args.check:
+            problems = check(args.readme, args.results, conf, figures)
+            for p in problems:
+                print(p)
+            if problems:
+                print("error: README.md disagrees with results/; run python -m evaluation.report",
+                      file=sys.stderr)
+                return 1
+            print(f"{args.readme} agrees with {args.results}")
+            return 0
+        generated, _ = blocks(args.results, conf, figures, args.readme.parent)
+        text = render(args.readme.read_text(), generated)
+        atomic_write_text(args.readme, text)
+        print(f"wrote {args.readme} and the figures in {figures}")
+    except BipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`python -m evaluation.report`: the verdict rule on constructed records with known answers, the
+README's generated blocks reproduced exactly, and `--check` catching every disagreement."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation import report
+from evaluation.records import Record, read_record, record_name, write_record
+from evaluation.stats import Spread
+from evaluation.verdicts import NOT_SHOWN, REPRODUCED, REVERSED, seeds_to_resolve, verdict
+from tests.conftest import ROOT
+
+CONF = ROOT / "conf"
+TEMPLATE = "".join(f"## {n}\n<!-- report:{n} -->\n<!-- /report:{n} -->\n"
+                   for n in [*report.STUDIES, "paper"])
+
+
+def put(results: Path, study: str, cell: dict, seed: int, metrics: dict,
+        stages: tuple[str, ...] = ("study",), results_rows: list | None = None) -> Path:
+    path = results / study / f"{record_name(cell, seed)}.json"
+    write_record(path, {"version": 1, "study": study, "cell": cell, "seed": seed,
+                        "stages": list(stages), "fingerprint": "f", "metrics": metrics,
+                        "results": results_rows or [],
+                        "definition": {"data.block_size": 256}})
+    return path
+
+
+def arithmetic(results: Path, offsets: dict[str, list[float]], hidden: int = 48) -> None:
+    """Accuracies at 4 operators: alibi and rope at 0.6 + seed noise, the others offset."""
+    noise = [0.0, 0.05, -0.04, 0.02, -0.01]
+    for pe in ("alibi", "rope", "bipe_alibi", "bipe_rope"):
+        for seed, extra in enumerate(offsets.get(pe, [0.0] * 3)):
+            acc = 0.6 + noise[seed] + extra
+            put(results, "arithmetic_sweep", {"pe": pe, "model.hidden_size": hidden,
+                                              "optim.lr": 0.005}, seed,
+                {"test/ops_4/accuracy": acc, "test/ops_5/accuracy": acc / 2},
+                results_rows=[{"setting": "ops_4"}, {"setting": "ops_5"}])
+
+
+def verdicts_of(results: Path, study: str) -> dict[tuple[str, str, str], dict]:
+    _, info = report.study_block(report.STUDIES[study], results, CONF, results / "figures",
+                                 results, draw=False)
+    return {(v["claim"].a, v["claim"].b, v["claim"].metric): v
+            for v in info["verdicts"] if v["claim"].where.get("model.hidden_size", 48) == 48}
+
+
+def test_the_verdict_rule_on_spreads_with_known_answers():
+    assert verdict(Spread.of([0.2, 0.3, 0.25]), higher_is_better=True) == REPRODUCED
+    assert verdict(Spread.of([0.2, 0.3, 0.25]), higher_is_better=False) == REVERSED
+    assert verdict(Spread.of([-2.0, -3.0, -2.5]), higher_is_better=False) == REPRODUCED
+    assert verdict(Spread.of([0.3, -0.2, 0.1]), higher_is_better=True) == NOT_SHOWN
+    assert verdict(Spread.of([0.3]), higher_is_better=True) == NOT_SHOWN  # no interval
+    # mean 1, std 1: t(0.975, n-1) / sqrt(n) < 1 first at n = 7 (2.447 / 2.646 = 0.92)
+    assert seeds_to_resolve(Spread.of([0.0, 1.0, 2.0])) == 7
+    assert seeds_to_resolve(Spread.of([0.0, 0.0, 0.0])) is None  # no difference to resolve
+
+
+def test_paired_verdicts_on_constructed_records(tmp_path):
+    arithmetic(tmp_path, {"bipe_alibi": [0.30, 0.31, 0.29],  # clearly better, every seed
+                          "bipe_rope": [-0.2, -0.21, -0.19],  # clearly worse: reversed
+                          })
+    v = verdicts_of(tmp_path, "arithmetic_sweep")
+    ours = v["bipe_alibi", "alibi", "test/ops_4/accuracy"]
+    assert ours["verdict"] == REPRODUCED and ours["pair"].seeds == (0, 1, 2)
+    assert ours["pair"].diff.mean == pytest.approx(0.30)
+    assert v["bipe_rope", "rope", "test/ops_4/accuracy"]["verdict"] == REVERSED
+
+
+def test_pairing_by_seed_removes_what_the_seeds_share(tmp_path):
+    # The seed noise (+-5 points) swamps a 2-point gain between two unpaired groups, but every
+    # seed shows the gain: the paired interval excludes zero.
+    arithmetic(tmp_path, {"bipe_alibi": [0.02, 0.021, 0.019]})
+    pair = verdicts_of(tmp_path, "arithmetic_sweep")["bipe_alibi", "alibi",
+                                                      "test/ops_4/accuracy"]["pair"]
+    assert pair.a.low < pair.b.high  # the unpaired intervals overlap
+    assert pair.diff.low > 0
+
+
+def test_a_difference_inside_the_noise_is_not_shown_and_says_how_many_seeds(tmp_path):
+    arithmetic(tmp_path, {"bipe_alibi": [0.1, -0.05, 0.08]})
+    v = verdicts_of(tmp_path, "arithmetic_sweep")["bipe_alibi", "alibi", "test/ops_4/accuracy"]
+    assert v["verdict"] == NOT_SHOWN and v["seeds_needed"] and v["seeds_needed"] > 3
+
+
+def text(results: Path, pe: str, seed: int, ppl: dict[int, float]) -> None:
+    put(results, "text_sweep", {"pe": pe, "optim.lr": 0.003}, seed,
+        {f"eval/ppl_{m}x": p for m, p in ppl.items()})
+
+
+def test_level_and_growth_past_the_training_length_are_separate_verdicts(tmp_path):
+    # BiPE-ALiBi: better at every length, but degrades faster; ALiBi: worse but flat.
+    for seed, jitter in enumerate([0.0, 3.0, -2.0]):
+        text(tmp_path, "alibi", seed, {1: 200 + jitter, 4: 200 + jitter, 8: 201 + jitter,
+                                       16: 202 + jitter})
+        text(tmp_path, "bipe_alibi", seed, {1: 150 + jitter, 4: 160 + jitter, 8: 170 + jitter,
+                                            16: 180 + jitter})
+    v = verdicts_of(tmp_path, "text_sweep")
+    assert v["bipe_alibi", "alibi", "eval/ppl_8x"]["verdict"] == REPRODUCED
+    assert v["bipe_alibi", "alibi", "growth_16x"]["verdict"] == REVERSED
+    assert v["bipe_rope", "rope", "eval/ppl_4x"]["verdict"] == "no records"
+
+
+def test_the_readme_blocks_are_regenerated_exactly_and_check_catches_changes(tmp_path):
+    results = tmp_path / "results"
+    arithmetic(results, {"bipe_alibi": [0.3, 0.31, 0.29]})
+    for seed in range(3):
+        text(results, "rope", seed, {1: 100.0 + seed, 2: 120.0, 16: 300.0 + seed})
+        text(results, "bipe_rope", seed, {1: 101.0, 2: 105.0 + seed, 16: 150.0})
+    put(results, "text_sweep", {"pe": "rope", "optim.lr": 0.01}, 0, {"eval/ppl_1x": 1.0},
+        stages=("tuning",))  # a tuning point at another rate: not part of the study's table
+    readme = tmp_path / "README.md"
+    readme.write_text(TEMPLATE)
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert report.main(args) == 0
+    first = readme.read_text()
+    assert "| bipe_alibi" in first and "reproduced" in first and "0.01" not in first
+    assert ("| rope      | 0.003 |     3 | 101.00 ± 2.48 | 120.00 ± 0.00 | 301.00 ± 2.48 |  2.98 ± "
+            "0.05x |") in first
+    assert "Not yet recorded" in first and "`pe=alibi,seed=0`" in first
+    assert (results / "figures" / "text_sweep.png").is_file()
+    assert report.main([*args, "--check"]) == 0
+    assert report.main(args) == 0 and readme.read_text() == first  # regenerating is stable
+
+    readme.write_text(first.replace("101.00 ± 2.48", "99.00 ± 2.48"))  # a number typed by hand
+    assert report.main([*args, "--check"]) == 1
+    readme.write_text(first)
+    path = results / "text_sweep" / "pe=bipe_rope,lr=0.003,seed=2.json"
+    data = read_record(path).data
+    write_record(path, {**data, "metrics": {**data["metrics"], "eval/ppl_16x": 151.0}})
+    problems = report.check(readme, results, CONF, results / "figures")
+    assert any("text_sweep.png was not drawn from the current records" in p for p in problems)
+    assert any("+++ README.md (from results/)" in p for p in problems)
+
+
+def test_the_readme_agrees_with_the_records_in_the_repository():
+    result = subprocess.run([sys.executable, "-m", "evaluation.report", "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+
+
+def test_records_read_back_as_written(tmp_path):
+    path = put(tmp_path, "s", {"pe": "rope"}, 1, {"val/loss": float("nan")})
+    record = read_record(path)
+    assert isinstance(record, Record) and record.seed == 1 and record.cell == {"pe": "rope"}
+    assert record.metrics["val/loss"] is None  # JSON has no NaN: a diverged run reads as NaN
+    assert record.metric("val/loss") != record.metric("val/loss")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from training.config import plain, register_configs
 from training.job import cli, run_job
-from training.study import mark_invocation, plan
+from training.study import check_sweep_mode, mark_invocation, plan
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("BIPE_ROOT", str(ROOT))  # conf/paths/default.yaml: paths.root
@@ -38,6 +38,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """One run from a composed config; returns the final metrics. A run of a study
     (`study.name`) whose record exists returns the recorded metrics, one past the invocation's
     limits returns none, and one whose folder holds a checkpoint resumes from it."""
+    check_sweep_mode()
     study = plan(plain(cfg))
     if study is not None:
         recorded = study.recorded_metrics()

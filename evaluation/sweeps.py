@@ -19,6 +19,24 @@ from bipe.errors import DataError
 SEED_KEYS = ("seed",)
 
 
+def unfinished_jobs(sweep_dir: Path, marker: str) -> list[Path]:
+    """The job folders under `sweep_dir` (those with `.hydra/`) without `marker`, the file a job
+    writes when it ends well (`metrics.json`, `task_eval.json`): failed, stopped or running."""
+    return [job for job in sorted(p.parent for p in sweep_dir.rglob(".hydra"))
+            if job != sweep_dir and not (job / marker).is_file()]
+
+
+def warn_unfinished(sweep_dir: Path, marker: str) -> list[Path]:
+    """Name each unfinished job (`unfinished_jobs`) on stderr, one line each; returns them."""
+    import sys
+
+    jobs = unfinished_jobs(sweep_dir, marker)
+    for job in jobs:
+        print(f"unfinished: {job} has no {marker}: it failed, was stopped or is still running "
+              "(its train.log says which); it is left out", file=sys.stderr)
+    return jobs
+
+
 def read_overrides(job_dir: Path) -> dict[str, str]:
     """`{key: value}` from `job_dir/.hydra/overrides.yaml` (`{}` for a folder without it)."""
     path = job_dir / ".hydra" / "overrides.yaml"

@@ -39,7 +39,13 @@ from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
 from evaluation.plots import plot_accuracy_vs_hidden
 from evaluation.stats import Spread
-from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
+from evaluation.sweeps import (
+    Cell,
+    check_distinct_seeds,
+    read_overrides,
+    varying_keys,
+    warn_unfinished,
+)
 from evaluation.wandb_runs import resolve_mode, sweep_group
 from tasks import main_metric
 
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every `task_eval.json` under `sweep_dir`, with its path; DataError if there is none or
-    the jobs mix tasks."""
+    the jobs mix tasks. Jobs without one (failed, stopped, running) are named on stderr."""
     if not sweep_dir.is_dir():
         raise DataError(f"sweep folder {sweep_dir} does not exist; pass the folder of a "
                         "`python train.py -m task=...` sweep (multirun/<day>/<time>)")
@@ -63,6 +69,7 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} is not readable JSON ({exc}); rerun that job or delete "
                             "its folder") from None
         jobs.append({**job, "path": str(path), "overrides": read_overrides(path.parent)})
+    warn_unfinished(sweep_dir, "task_eval.json")
     if not jobs:
         raise DataError(f"no task_eval.json under {sweep_dir}: its jobs have not finished, or "
                         "they trained a language model (task=lm; use eval.py for those)")

@@ -36,7 +36,13 @@ from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
 from evaluation.records import format_value, load_records
 from evaluation.stats import Spread
-from evaluation.sweeps import Cell, check_distinct_seeds, read_overrides, varying_keys
+from evaluation.sweeps import (
+    Cell,
+    check_distinct_seeds,
+    read_overrides,
+    varying_keys,
+    warn_unfinished,
+)
 
 LR_KEY = "optim.lr"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -85,18 +91,13 @@ def load_runs(sweep_dir: Path) -> tuple[str, list[dict[str, Any]]]:
                      "metrics": data["metrics"]})
     if not runs:
         raise DataError(f"no */metrics.json under {sweep_dir}: its jobs have not finished")
-    for job in unfinished_jobs(sweep_dir):
-        print(f"unfinished: {job} has no metrics.json (it failed or is still running; see its "
-              "train.log); it is left out", file=sys.stderr)
+    for job in warn_unfinished(sweep_dir, "metrics.json"):  # a hole in the grid, not a gap
+        overrides = read_overrides(job)
+        if LR_KEY in overrides:
+            runs.append({"job": str(job), "overrides": overrides, "seed": None, "metrics": None})
     if len(metrics_named) > 1:
         raise DataError(f"{sweep_dir} mixes optimized metrics {sorted(metrics_named)}")
     return metrics_named.pop(), runs
-
-
-def unfinished_jobs(sweep_dir: Path) -> list[Path]:
-    """The job folders of a sweep (those with `.hydra/`) that wrote no `metrics.json`."""
-    return [job for job in sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra"))
-            if not (job / "metrics.json").is_file()]
 
 
 def study_metric(study: str) -> str:
@@ -129,10 +130,14 @@ def load_record_runs(folder: Path, metric: str | None = None
 
 
 def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
-    """Per cell (the overrides but the learning rate and seed), the best learning rate."""
+    """Per cell (the overrides but the learning rate and seed), the best learning rate. A run
+    without metrics (a job that failed) only marks its learning rate as part of the grid."""
     values: dict[Cell, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     members: dict[Cell, list[tuple[int | None, str]]] = defaultdict(list)
+    grid = {float(run["overrides"][LR_KEY]) for run in runs}
     for run in runs:
+        if run["metrics"] is None:
+            continue
         if metric not in run["metrics"]:
             raise DataError(f"{run['job']}/metrics.json has no {metric}; it has "
                             f"{', '.join(sorted(run['metrics']))}")
@@ -142,7 +147,7 @@ def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
         members[Cell.of(run["overrides"])].append((run["seed"], run["job"]))
     check_distinct_seeds(members)
     lower = minimise(metric)
-    grid = sorted({lr for by_lr in values.values() for lr in by_lr})
+    grid = sorted(grid)
     results = []
     for cell, by_lr in values.items():
         spreads = {lr: Spread.of(v) for lr, v in sorted(by_lr.items())}

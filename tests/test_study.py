@@ -126,3 +126,14 @@ def test_record_names_are_stable_and_safe():
     assert record_name({"pe": "rope", "model.hidden_size": 48, "optim.lr": 0.005}, 2) == \
         "pe=rope,hidden_size=48,lr=0.005,seed=2"
     assert "/" not in record_name({"data.glob": "../x/*.txt"}, 0)
+
+
+def test_a_tuning_grid_without_multirun_is_refused(tmp_path):
+    from tests.test_train_errors import error_lines, train_cli
+
+    result = train_cli("experiment=text_sweep", "hparams_search=text_lr",
+                       f"hydra.run.dir={tmp_path / 'run'}", f"paths.root={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result) == ["error: hparams_search=text_lr is a sweep over a grid: run it "
+                                   "with -m (python train.py -m ... hparams_search=text_lr)"]
+    assert not (tmp_path / "results").exists()

@@ -210,3 +210,14 @@ def test_summary_files_are_named_by_metric(tmp_path):
     assert {p.name for p in other.values()} == {"summary_exact_of_chain.csv",
                                                 "summary_exact_of_chain.md",
                                                 "accuracy_vs_hidden_exact_of_chain.png"}
+
+
+def test_the_summary_names_a_job_that_failed(tmp_path, capsys):
+    from evaluation.task_summary import load_jobs
+
+    _write_job(tmp_path, "0_rope", acc=0.9)
+    _write_job(tmp_path, "1_alibi", pe="alibi", acc=0.5)
+    (tmp_path / "1_alibi" / "task_eval.json").unlink()  # it failed before its test
+    assert len(load_jobs(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert f"unfinished: {tmp_path / '1_alibi'} has no task_eval.json" in err

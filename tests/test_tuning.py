@@ -88,3 +88,16 @@ def test_the_command_prints_the_table_and_fails_in_one_line(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: sweep folder")
+
+
+def test_a_failed_grid_point_is_named_and_the_grid_is_incomplete(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "sweep", {"rope": {0.001: [2.0], 0.003: [1.5], 0.01: [1.0]}})
+    failed = next(sweep.glob("*optim.lr=0.01*"))
+    (failed / "metrics.json").unlink()  # the job that would have won failed
+    metric, runs = load_runs(sweep)
+    assert f"unfinished: {failed} has no metrics.json" in capsys.readouterr().err
+    (rope,) = choose(metric, runs)
+    assert rope.best_lr == 0.003 and rope.missing == [0.01]
+    assert not rope.at_edge  # 0.003 is inside the grid the sweep was given, not its edge
+    with pytest.raises(DataError, match="incomplete .*rope.* at lr 0.01"):
+        write_tuned(tmp_path / "tuned", sweep, metric, [rope])

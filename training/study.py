@@ -84,6 +84,21 @@ class StudyConfig:
             raise ConfigError(f"study.max_minutes={self.max_minutes} must be >= 0 or null")
 
 
+def check_sweep_mode() -> None:
+    """ConfigError for a tuning grid (`hparams_search=...`) run without `-m`: Hydra would run one
+    job at the default rate and call it done."""
+    from hydra.core.hydra_config import HydraConfig  # lazy: only under a Hydra entry point
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    choice = hydra.runtime.choices.get("hparams_search")
+    if choice and hydra.mode == RunMode.RUN:
+        raise ConfigError(f"hparams_search={choice} is a sweep over a grid: run it with -m "
+                          f"(python train.py -m ... hparams_search={choice})")
+
+
 def mark_invocation() -> None:
     """Call in the process that composes the sweep: the jobs it launches inherit the mark."""
     os.environ.setdefault(INVOCATION_ENV, f"{time.time():.3f}-{os.getpid()}")

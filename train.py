@@ -30,6 +30,11 @@ from training.study import check_sweep_mode, mark_invocation, plan
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("BIPE_ROOT", str(ROOT))  # conf/paths/default.yaml: paths.root
+# Jobs a launcher starts in fresh processes (submitit, Slurm) unpickle this module's functions:
+# let them import the project whatever their working folder.
+if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                             os.environ.get("PYTHONPATH")]))
 register_configs()
 mark_invocation()  # the jobs this process launches share its study limits (training/study.py)
 

@@ -70,6 +70,16 @@ def test_a_study_run_in_slices_ends_with_the_records_of_one_sweep(corpus, cache_
     assert record.data["machine"]["cpu"] and record.data["commit"]
 
 
+@pytest.mark.slow
+def test_the_limit_holds_across_the_jobs_of_the_submitit_launcher(corpus, cache_dir, tmp_path):
+    # submitit's local executor runs each job in a process of its own, as Slurm would
+    run(study_command(corpus, cache_dir, tmp_path, "study.max_runs=1",
+                      "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"), tmp_path)
+    assert len(list((tmp_path / "results" / "tiny").glob("*.json"))) == 1
+    run(study_command(corpus, cache_dir, tmp_path, "hydra/launcher=submitit_local"), tmp_path)
+    assert len(list((tmp_path / "results" / "tiny").glob("*.json"))) == 2
+
+
 def compose(corpus: str, cache_dir: str, tmp_path: Path, *overrides: str) -> dict:
     cfg = compose_train([*smoke_overrides(corpus, cache_dir), "study.name=tiny",
                          f"study.results_dir={tmp_path / 'results'}", *overrides],

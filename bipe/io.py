@@ -5,15 +5,23 @@ results, tuned settings) goes through `atomic_write`: the content goes to a hidd
 file in the same folder, is flushed and fsynced, then `os.replace`d over the target (atomic on
 POSIX and Windows), and the folder is fsynced so the rename survives a crash. A failure (a full
 disk, a read-only folder, Ctrl-C) removes the temporary file and leaves the target untouched.
+
+A folder of files that belong together (a saved model) goes through `replace_folder` the same
+way: written into a hidden folder beside the target, then swapped in with one rename.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -63,6 +71,12 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The permissions `open` gives a new file under the umask: what a file that a library wrote
+    through a private temporary file (0600) should get before others are meant to read it."""
+    return 0o666 & ~_umask()
+
+
 def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
     """A new uniquely named folder in `parent`, with the permissions `mkdir` would give it
     (`tempfile.mkdtemp` makes it 0700, which a cache a group shares cannot have once it is
@@ -108,3 +122,147 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """`data` as indented JSON, written atomically to `path`."""
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+# -- folders --------------------------------------------------------------------------------
+
+_ACTIVE: set[Path] = set()  # this process's folders being written, which are not stale
+
+
+def _folder_temp(target: Path) -> re.Pattern[str]:
+    """What `replace_folder` names its new (`.new-`) and set-aside (`.old-`) folders."""
+    return re.compile(rf"^\.{re.escape(target.name)}\.(?:new|old)-(\d+)-.+$")
+
+
+@cache
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not glibc/musl on Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False
+    where the system or the file system cannot, so the caller falls back to two renames."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:  # a hard link keeps the very file, costs nothing and needs no space
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # another file system, or links refused: a copy
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry(old: Path, new: Path, replaces: Collection[str]) -> None:
+    """Put into `new` every entry of `old` that `new` has not and `replaces` does not name."""
+    for entry in old.iterdir():
+        if entry.name in replaces or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            fsync_dir(path)
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def replace_folder(target: str | os.PathLike[str], write: Callable[[Path], Any], *,
+                   replaces: Collection[str] = ()) -> Path:
+    """Make `target` the folder `write(tmp)` fills, in one step, so a reader never sees a mix
+    of old and new files: `write` fills a hidden folder beside `target`, which then takes its
+    place (an atomic exchange on Linux; elsewhere two renames, with the old folder set aside as
+    `.<name>.old-*` in between), and the old folder is removed.
+
+    The entries of the old folder that `write` did not write and `replaces` does not name (a
+    user's own files) are carried into the new one, as hard links where possible. A failure
+    removes the hidden folder and leaves `target` as it was; the hidden folders of a killed
+    writer are removed by the next `replace_folder` of the same target. A link to a folder is
+    kept and the folder it points to is replaced.
+    """
+    target = Path(target).expanduser()
+    if target.is_symlink():
+        target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(target.parent, f".{target.name}.new-{os.getpid()}-")
+    aside = tmp.with_name(tmp.name.replace(".new-", ".old-", 1))
+    _ACTIVE.update((tmp, aside))
+    old = None  # the old folder, once the new one has taken its place
+    try:
+        write(tmp)
+        exists = target.is_dir()
+        if exists:
+            _carry(target, tmp, replaces)
+            shutil.copymode(target, tmp)  # a folder a group shares stays shared
+        _fsync_tree(tmp)
+        if not exists:
+            os.rename(tmp, target)
+        elif exchange_paths(tmp, target):
+            old = tmp
+        else:
+            os.rename(target, aside)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(aside, target)  # should this fail, interrupted_folder() finds it
+                raise
+            old = aside
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new folder after a failure
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _ACTIVE.difference_update((tmp, aside))
+    remove_stale_folders(target)
+    return target
+
+
+def remove_stale_folders(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the hidden folders `replace_folder` left beside `target` when its process was
+    killed (ones no live writer is using); returns what was removed."""
+    target = Path(target)
+    pattern, removed = _folder_temp(target), []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = pattern.match(path.name)
+        if match is None or path in _ACTIVE:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def interrupted_folder(target: str | os.PathLike[str]) -> Path | None:
+    """The old content of a missing `target` that a killed `replace_folder` set aside (only
+    where it could not exchange the folders in one step), or None."""
+    target = Path(target)
+    pattern = _folder_temp(target)
+    found = sorted(p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
+                   if pattern.match(p.name) and p not in _ACTIVE)
+    return found[0] if found else None
+

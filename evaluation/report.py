@@ -36,6 +36,7 @@ from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
 from evaluation.records import Record, format_value, read_record
 from evaluation.stats import Spread
+from evaluation.tuning import choose, format_table, load_record_runs
 from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,14 +128,22 @@ STUDIES = {
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def study_records(results: Path, study: str) -> list[Record]:
-    """The records of a study that serve the study itself (stage `study`), not only its tuning
-    grid; [] when there are none yet."""
+def study_records(results: Path, study: str, stage: str = "study") -> list[Record]:
+    """The records of a study that serve `stage` (`study`: the study itself; `tuning`: its
+    learning-rate grid); [] when there are none yet."""
     folder = results / study
     if not folder.is_dir():
         return []
     records = [read_record(p) for p in sorted(folder.glob("*.json"))]
-    return [r for r in records if "study" in r.data.get("stages", ["study"])]
+    return [r for r in records if stage in r.data.get("stages", ["study"])]
+
+
+def tuning_table(results: Path, study: str) -> str | None:
+    """The study's learning-rate grid from its tuning records (`evaluation.tuning`), or None."""
+    if not study_records(results, study, "tuning"):
+        return None
+    metric, runs = load_record_runs(results / study)
+    return format_table(metric, choose(metric, runs))
 
 
 def has(record: Record, metric: str) -> bool:
@@ -292,6 +301,11 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
         lines += [f"Not yet recorded ({len(missing)} of the sweep's runs: not run, deferred or "
                   f"failed; `studies/{spec.name}/<run>/train.log` says which): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
+    grid = tuning_table(results, spec.name)
+    if grid is not None:
+        lines += ["Learning rates: the tuning grid's validation metric at each rate (seed 0; "
+                  "the study runs each encoding at its chosen rate, `conf/tuned/"
+                  f"{spec.name}/`):", "", "```", grid, "```", ""]
     comp, verdicts = comparisons(spec, records)
     lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
               comp, ""]

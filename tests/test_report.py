@@ -88,8 +88,10 @@ def test_a_difference_inside_the_noise_is_not_shown_and_says_how_many_seeds(tmp_
 
 
 def text(results: Path, pe: str, seed: int, ppl: dict[int, float]) -> None:
+    """A text record; seed 0 also serves the tuning grid (as the study reuses it)."""
     put(results, "text_sweep", {"pe": pe, "optim.lr": 0.003}, seed,
-        {f"eval/ppl_{m}x": p for m, p in ppl.items()})
+        {"val/loss": 4.0, **{f"eval/ppl_{m}x": p for m, p in ppl.items()}},
+        stages=("tuning", "study") if seed == 0 else ("study",))
 
 
 def test_level_and_growth_past_the_training_length_are_separate_verdicts(tmp_path):
@@ -111,14 +113,19 @@ def test_the_readme_blocks_are_regenerated_exactly_and_check_catches_changes(tmp
     for seed in range(3):
         text(results, "rope", seed, {1: 100.0 + seed, 2: 120.0, 16: 300.0 + seed})
         text(results, "bipe_rope", seed, {1: 101.0, 2: 105.0 + seed, 16: 150.0})
-    put(results, "text_sweep", {"pe": "rope", "optim.lr": 0.01}, 0, {"eval/ppl_1x": 1.0},
+    put(results, "text_sweep", {"pe": "rope", "optim.lr": 0.01}, 0,
+        {"val/loss": 5.0, "eval/ppl_1x": 1.0},
         stages=("tuning",))  # a tuning point at another rate: not part of the study's table
     readme = tmp_path / "README.md"
     readme.write_text(TEMPLATE)
     args = ["--readme", str(readme), "--results", str(results)]
     assert report.main(args) == 0
     first = readme.read_text()
-    assert "| bipe_alibi" in first and "reproduced" in first and "0.01" not in first
+    assert "| bipe_alibi" in first and "reproduced" in first and "| 0.01 " not in first
+    grid = first[first.index("val/loss by learning rate"):].splitlines()
+    assert grid[2].split() == ["bipe_rope", "4*", "-", "0.003", "(grid", "edge)", "(incomplete:",
+                               "no", "run", "at", "0.01)"]
+    assert grid[3].split() == ["rope", "4*", "5", "0.003", "(grid", "edge)"]
     assert ("| rope      | 0.003 |     3 | 101.00 ± 2.48 | 120.00 ± 0.00 | 301.00 ± 2.48 |  2.98 ± "
             "0.05x |") in first
     assert "Not yet recorded" in first and "`pe=alibi,seed=0`" in first

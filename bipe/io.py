@@ -200,13 +200,16 @@ def replace_folder(target: str | os.PathLike[str], write: Callable[[Path], Any],
     The entries of the old folder that `write` did not write and `replaces` does not name (a
     user's own files) are carried into the new one, as hard links where possible. A failure
     removes the hidden folder and leaves `target` as it was; the hidden folders of a killed
-    writer are removed by the next `replace_folder` of the same target. A link to a folder is
-    kept and the folder it points to is replaced.
+    writer are removed by the next `replace_folder` of the same target (the old folder it set
+    aside, if `target` is missing, is first put back). A link to a folder is kept and the
+    folder it points to is replaced.
     """
     target = Path(target).expanduser()
     if target.is_symlink():
         target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists() and (interrupted := interrupted_folder(target)) is not None:
+        os.rename(interrupted, target)  # a killed writer set it aside: back first, files and all
     tmp = make_temp_dir(target.parent, f".{target.name}.new-{os.getpid()}-")
     aside = tmp.with_name(tmp.name.replace(".new-", ".old-", 1))
     _ACTIVE.update((tmp, aside))
@@ -240,29 +243,30 @@ def replace_folder(target: str | os.PathLike[str], write: Callable[[Path], Any],
     return target
 
 
-def remove_stale_folders(target: str | os.PathLike[str]) -> list[Path]:
-    """Remove the hidden folders `replace_folder` left beside `target` when its process was
-    killed (ones no live writer is using); returns what was removed."""
-    target = Path(target)
-    pattern, removed = _folder_temp(target), []
-    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+def _stale_folders(target: Path, kind: str = "*") -> list[Path]:
+    """The hidden folders of `replace_folder` beside `target` that no live writer is using."""
+    pattern, found = _folder_temp(target), []
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
         match = pattern.match(path.name)
         if match is None or path in _ACTIVE:
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and _alive(pid):
-            continue
+        if pid == os.getpid() or not _alive(pid):
+            found.append(path)
+    return found
+
+
+def remove_stale_folders(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the hidden folders `replace_folder` left beside `target` when its process was
+    killed; returns what was removed."""
+    removed = _stale_folders(Path(target))
+    for path in removed:
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
     return removed
 
 
 def interrupted_folder(target: str | os.PathLike[str]) -> Path | None:
     """The old content of a missing `target` that a killed `replace_folder` set aside (only
     where it could not exchange the folders in one step), or None."""
-    target = Path(target)
-    pattern = _folder_temp(target)
-    found = sorted(p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
-                   if pattern.match(p.name) and p not in _ACTIVE)
+    found = _stale_folders(Path(target), "old")
     return found[0] if found else None
-

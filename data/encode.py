@@ -4,12 +4,17 @@ Punkt sentence splitting is pure Python and the tokenizer's batch encoding uses 
 so the two ran one after the other in one process before; here groups of documents go to
 `data.pack_workers` processes (forked, each with its own tokenizer and segmenter) and come back
 in order, so the packed cache is byte for byte the serial one (a test compares the files).
+The workers ignore Ctrl-C: the terminal sends it to them too, and each would print a traceback;
+the main process stops (`KeyboardInterrupt`) and terminates them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,6 +52,7 @@ def _encode(texts: Sequence[str], encoder: DocumentEncoder, segmenter: Segmenter
 
 def _init_worker(cfg: DataConfig, tokenizer_json: str) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker the pool starts again later, too
     tok = Tokenizer.from_str(tokenizer_json)
     _WORKER = (DocumentEncoder(tok), Segmenter(cfg, tok))
 
@@ -70,6 +76,20 @@ def groups(texts: Sequence[str], chars: int | None = None) -> Iterator[Sequence[
         i = j
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process (main thread only; elsewhere no change), so that processes
+    forked meanwhile start ignoring it; the previous handler back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class ParallelEncoder:
     """`encode(texts)` yields `(ids, flags)` per document, in order, from `workers` processes
     (in this process when `workers` is 1). Use as a context manager."""
@@ -82,8 +102,9 @@ class ParallelEncoder:
             # fork: the workers inherit the loaded Punkt model; the tokenizer's own threads are
             # not used across the fork (each worker starts one from the JSON)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = mp.get_context("fork").Pool(
-                workers, initializer=_init_worker, initargs=(cfg, tok.to_str()))
+            with _sigint_ignored():  # from the fork on, before _init_worker runs
+                self.pool = mp.get_context("fork").Pool(
+                    workers, initializer=_init_worker, initargs=(cfg, tok.to_str()))
 
     def encode(self, texts: Sequence[str]) -> Iterator[Encoded]:
         if self.pool is None:

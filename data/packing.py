@@ -18,7 +18,8 @@ key: blocks are cut from the flat streams when loading, so one cache serves ever
 Writing is atomic: everything goes into a temporary sibling folder `.tmp-<name>-...`, files and
 folder are fsynced, then the folder is renamed into place. A run killed mid-write leaves only a
 `.tmp-*` folder, which no reader ever opens and the next builder removes. Concurrent builders
-(e.g. a Hydra multirun) serialise on a lock file, and a losing rename is harmless.
+(e.g. a Hydra multirun) serialise on a lock file (`filelock`), and a losing rename is harmless.
+A write that fails on a full or read-only disk raises an `OSError` naming the cache folder.
 
 Loading verifies: meta.json parses and has this version and key, every file exists with exactly
 `tokens * itemsize` bytes (catches truncation), and a checksum matches (catches corruption):
@@ -42,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
-from bipe.errors import DataError
+from bipe.errors import DataError, name_file
 from bipe.io import fsync_dir, make_temp_dir
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,6 @@ PACK_VERSION = 1  # bump when the layout or packing rules change
 FULL_HASH_LIMIT = 64 << 20
 SAMPLE_COUNT = 64
 SAMPLE_BYTES = 1 << 20
-
-try:  # POSIX advisory locks; elsewhere builds just race (still safe thanks to atomic renames)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -200,16 +197,20 @@ def verify(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
 
 @contextlib.contextmanager
 def _lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `lock_path` (no-op where fcntl is unavailable)."""
+    """Hold the exclusive lock `lock_path` (waiting for it): builders of one cache take turns,
+    so a corpus is tokenized once, on every platform (`filelock`: flock, or msvcrt on
+    Windows)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire()
+    except OSError as e:  # e.g. a read-only cache folder; filelock's OSError names no file
+        name_file(e, lock_path)
+        raise
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _discard(path: Path, why: str) -> None:
@@ -260,8 +261,9 @@ def load_or_build(root: Path, name: str, key: str, material: dict[str, Any],
             fsync_dir(tmp)
             os.rename(tmp, final)
             fsync_dir(root)
-        except BaseException:
+        except BaseException as e:  # Ctrl-C included: no partial folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            name_file(e, final)  # writes to open files raise OSErrors that name none
             raise
     meta, why = verify(final, key)
     if meta is None:  # pragma: no cover - only on a broken filesystem

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bipe.errors import ConfigError
+from bipe.errors import CheckpointError, ConfigError
 from evaluation.sweeps import Cell, read_overrides, varying_keys
 from models import Transformer
 from models.checkpoint import resolve_checkpoint_path, with_scaling
-from models.pretrained import is_saved_folder
+from models.pretrained import TOKENIZER_FILE, is_saved_folder
 
 
 @dataclass
@@ -50,13 +50,14 @@ class LoadedModel:
         return self.model.config.pe.relative.type != "none"
 
 
-def find_checkpoints(cfg: DictConfig) -> list[Path]:
-    """`ckpt_path` (or `ckpt`), `ckpts`, and every run folder's checkpoint under `sweep_dir`
-    (its newest of last.ckpt and interrupted.ckpt)."""
+def find_checkpoints(cfg: DictConfig) -> list[tuple[str, Path]]:
+    """`(option, path)` of `ckpt_path` (or `ckpt`), `ckpts`, and every run folder's checkpoint
+    under `sweep_dir` (its newest of last.ckpt and interrupted.ckpt); the option names the path
+    in an error when it cannot be loaded."""
     one = cfg.get("ckpt_path") or cfg.get("ckpt")
     key = "ckpt_path" if cfg.get("ckpt_path") else "ckpt"
     named = [(key, p) for p in ([one] if one else [])] + [("ckpts", p) for p in cfg.ckpts or []]
-    out = [Path(p) if is_saved_folder(Path(p)) else resolve_checkpoint_path(p, key=k)
+    out = [(k, Path(p) if is_saved_folder(Path(p)) else resolve_checkpoint_path(p, key=k))
            for k, p in named]
     if cfg.sweep_dir:
         sweep = Path(cfg.sweep_dir)
@@ -67,7 +68,7 @@ def find_checkpoints(cfg: DictConfig) -> list[Path]:
         if not runs:
             raise ConfigError(f"sweep_dir={sweep} holds no */checkpoints/last.ckpt; train first "
                               "or pass ckpt_path=PATH")
-        out += [resolve_checkpoint_path(run, key="sweep_dir") for run in runs]
+        out += [("sweep_dir", resolve_checkpoint_path(run, key="sweep_dir")) for run in runs]
     if not out:
         raise ConfigError("nothing to evaluate: pass ckpt_path=PATH, ckpts=[A,B] or "
                           "sweep_dir=DIR")
@@ -117,6 +118,20 @@ def _scaling_label(scaling: dict[str, Any]) -> str:
     return f"{scaling['type']}{'' if factor is None else f'{factor:g}'}"
 
 
+def require_tokenizer(path: Path, model: Transformer) -> None:
+    """CheckpointError naming the checkpoint when it carries no tokenizer: every evaluation
+    turns text into tokens with the checkpoint's own, and none other would give its numbers."""
+    if model.tokenizer is not None:
+        return
+    if path.is_dir() and is_saved_folder(path):
+        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}, which evaluation needs to read "
+                              "text: save the model again with its tokenizer "
+                              "(save_pretrained(folder, tokenizer=...)), or evaluate the run "
+                              "folder or .ckpt it came from")
+    raise CheckpointError(f"{path} carries no tokenizer, which evaluation needs; evaluate a "
+                          "checkpoint written by train.py")
+
+
 def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
     """Every checkpoint, as saved; with `eval.rope_scaling`, each rotary checkpoint that carries
     no scaling of its own is also loaded scaled (label `<name>+yarn4`), so base, scaled-only and
@@ -124,11 +139,15 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
     checkpoint's rotary training range (tokens, or segments per block for BiPE-RoPE)."""
     scaling = OmegaConf.to_container(cfg.eval.rope_scaling, resolve=True) \
         if cfg.eval.get("rope_scaling") else None
-    paths = find_checkpoints(cfg)
-    built = [Transformer.from_pretrained(path) for path in paths]
+    found = find_checkpoints(cfg)
+    paths = [path for _, path in found]
+    built = []
+    for key, path in found:
+        built.append(Transformer.from_pretrained(path, key=key))
+        require_tokenizer(path, built[-1])
     names = group_labels(paths, [model.meta for model in built], list(cfg.labels or []))
     loaded = []
-    for path, model, (label, group) in zip(paths, built, names, strict=True):
+    for (key, path), model, (label, group) in zip(found, built, names, strict=True):
         tokenizer, meta = model.tokenizer, model.meta
         train_length = int(meta["run_config"]["data"]["block_size"])
         seed = meta.get("run_config", {}).get("seed")
@@ -143,7 +162,7 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[LoadedModel]:
             pe = config["pe"]
             return {**config, "pe": {**pe, "relative": {**pe["relative"], "scaling": scaled}}}
 
-        model = Transformer.from_pretrained(path, model_config_hook=hook)
+        model = Transformer.from_pretrained(path, model_config_hook=hook, key=key)
         tag = f"+{_scaling_label(scaled)}"
         loaded.append(LoadedModel(f"{label}{tag}", path, model.to(device), tokenizer,
                                   model.meta, train_length, group=f"{group}{tag}", seed=seed))

@@ -20,12 +20,16 @@ flags from the checkpoint's separator ids. The three request types:
 * `generate_until`: greedy KV-cached decoding until a stop string or `max_gen_toks`.
 
 lm_eval's plain `lm_eval` command cannot know a model defined outside its package; this module's
-command is that command with `bipe` registered.
+command is that command with `bipe` registered. It loads `pretrained` before lm_eval starts (which
+takes a while), so a wrong path is one `error:` line at once (status 2), not a traceback later.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,13 +39,26 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from bipe.errors import BipeError, first_line
 from data.config import DataConfig
 from data.segment import Segmenter, configured_separator_ids
 from data.tokenizer import DocumentEncoder
 from models import Transformer, generate
 
+MODEL_NAME = "bipe"
+# Models `main` loaded to check `pretrained` before lm_eval starts, for BipeLM to take over.
+_PRELOADED: dict[str, Transformer] = {}
 
-@register_model("bipe")
+
+def load_pretrained(pretrained: Any) -> Transformer:
+    """`Transformer.from_pretrained(pretrained)`, or the model `main` loaded already;
+    CheckpointError naming `pretrained=` when it is missing or cannot be loaded."""
+    path = str(pretrained)  # lm_eval turns a `pretrained=123` into a number
+    model = _PRELOADED.pop(path, None)
+    return model if model is not None else Transformer.from_pretrained(path, key="pretrained")
+
+
+@register_model(MODEL_NAME)
 class BipeLM(LM):
     """An lm-evaluation-harness model over `Transformer.from_pretrained(pretrained)`."""
 
@@ -49,7 +66,7 @@ class BipeLM(LM):
                  max_length: int | None = None, **_: Any) -> None:
         super().__init__()
         self._device = torch.device(device)
-        self.model = Transformer.from_pretrained(pretrained).to(self._device)
+        self.model = load_pretrained(pretrained).to(self._device)
         self.tokenizer = self.model.tokenizer
         meta = self.model.meta or {}
         data = (meta.get("run_config") or {}).get("data") or {}
@@ -149,10 +166,48 @@ class BipeLM(LM):
         return out
 
 
-def main() -> None:
-    """lm_eval's command line, with `--model bipe` registered."""
+def pretrained_arg(argv: Sequence[str]) -> str | None:
+    """The `pretrained` of `--model bipe --model_args ...` in lm_eval's arguments (`k=v,k2=v2`,
+    `k=v k2=v2` or a JSON object); None for another model (or one named in a `--config` file:
+    lm_eval reads that). BipeError when `--model bipe` has no `pretrained`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", "-M")
+    parser.add_argument("--model_args", "-a", nargs="+", default=[])
+    known, _ = parser.parse_known_args(list(argv))
+    if known.model != MODEL_NAME:
+        return None
+    model_args: dict[str, Any] = {}
+    for value in known.model_args:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            model_args.update(parsed)
+            continue
+        for item in value.split(","):
+            name, _, arg = item.partition("=")
+            model_args[name.strip()] = arg
+    if "pretrained" in model_args:
+        return str(model_args["pretrained"])
+    raise BipeError(f"--model {MODEL_NAME} needs --model_args pretrained=<run folder, .ckpt or "
+                    "save_pretrained folder>")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm_eval's command line, with `--model bipe` registered; `pretrained` is loaded before
+    lm_eval starts, so a bad one is one `error:` line (status 2) without the wait."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        pretrained = pretrained_arg(argv)
+        if pretrained is not None:
+            _PRELOADED[pretrained] = Transformer.from_pretrained(pretrained, key="pretrained")
+    except BipeError as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        sys.exit(2)  # as train.py and eval.py for bad input
     from lm_eval.__main__ import cli_evaluate  # lazy: its own import cost, only for the command
 
+    sys.argv = [sys.argv[0], *argv]
     sys.exit(cli_evaluate())
 
 

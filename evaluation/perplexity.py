@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,13 +137,15 @@ def perplexity_rows(model: nn.Module, ids: np.ndarray, boundary: np.ndarray | No
                     stride: int | None = None, batch_size: int | None = None,
                     batch_tokens: int = 16384, device: torch.device | str = "cpu",
                     autocast_dtype: torch.dtype | None = None, track_memory: bool = False,
-                    train_length: int | None = None, max_blocks: int | None = None
+                    train_length: int | None = None, max_blocks: int | None = None,
+                    on_row: Callable[[dict[str, Any]], None] | None = None
                     ) -> tuple[list[dict], LengthResult | None]:
     """One row per length: `base` plus the `LengthResult` (tokens, nll, ppl, windows, seconds,
     peak_mib) and `multiple` of `train_length`; `max_blocks` caps the blocks scored per length.
     A length the model cannot run (a learned token table past its rows) gets `ppl: None` and the
-    reason in `note`, not an exception. Also returns the result at the longest length (for its
-    NLL by position)."""
+    reason in `note`, not an exception. `on_row` gets each row as soon as it is done (progress
+    of a long evaluation). Also returns the result at the longest length (for its NLL by
+    position)."""
     rows, longest = [], None
     was_training = model.training
     model.eval()
@@ -164,15 +166,27 @@ def perplexity_rows(model: nn.Module, ids: np.ndarray, boundary: np.ndarray | No
                                                autocast_dtype=autocast_dtype)
             except BipeError as exc:  # e.g. a learned token table cannot extrapolate
                 row.update(ppl=None, note=first_line(exc))
-                continue
-            res.seconds = time.perf_counter() - t0
-            res.peak_mib = mem.peak_mib if mem is not None else 0.0
-            row.update(res.to_dict())
-            if length == max(lengths):
-                longest = res
+            else:
+                res.seconds = time.perf_counter() - t0
+                res.peak_mib = mem.peak_mib if mem is not None else 0.0
+                row.update(res.to_dict())
+                if length == max(lengths):
+                    longest = res
+            if on_row is not None:
+                on_row(row)
     finally:
         model.train(was_training)
     return rows, longest
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    """One `perplexity_rows` row as a progress line: length (and multiple), perplexity or why
+    there is none, tokens scored, seconds."""
+    multiple = f" ({row['multiple']:g}x)" if row.get("multiple") else ""
+    if row.get("ppl") is None:
+        return f"len {row['length']:6d}{multiple}  ppl n/a ({row.get('note', 'not measured')})"
+    return (f"len {row['length']:6d}{multiple}  ppl {row['ppl']:9.2f}  "
+            f"({row.get('tokens', 0):,} tokens, {row.get('seconds', 0.0):.1f}s)")
 
 
 def summarize_ppl(rows: list[dict]) -> list[dict]:

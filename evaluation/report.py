@@ -36,7 +36,7 @@ from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
 from evaluation.records import Record, format_value, read_record
 from evaluation.stats import Spread
-from evaluation.tuning import choose, format_table, load_record_runs
+from evaluation.tuning import choose, format_table, load_record_runs, study_grid
 from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def tuning_table(results: Path, study: str) -> str | None:
     if not study_records(results, study, "tuning"):
         return None
     metric, runs = load_record_runs(results / study)
-    return format_table(metric, choose(metric, runs))
+    return format_table(metric, choose(metric, runs, study_grid(study)))
 
 
 def has(record: Record, metric: str) -> bool:
@@ -286,9 +286,14 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     """The README block of one study: table, missing cells, comparisons, figure link (relative
     to `base`, the README's folder); the figure is drawn when `draw`."""
     records = study_records(results, spec.name)
+    grid = tuning_table(results, spec.name)
+    grid_lines = [] if grid is None else [
+        "Learning rates: the tuning grid's validation metric at each rate (seed 0; the study "
+        f"runs each encoding at its chosen rate, `conf/tuned/{spec.name}/`):", "", "```", grid,
+        "```", ""]
     if not records:
-        return (f"No records in `results/{spec.name}/` yet: run "
-                f"`python train.py -m experiment={spec.name}`.\n"), {}
+        return "\n".join([f"No study records in `results/{spec.name}/` yet: run `python "
+                          f"train.py -m experiment={spec.name}`.", "", *grid_lines]), {}
     table, numbers = study_table(spec, records)
     seeds = sorted({len([r for r in records if _row_key(spec, r) == _row_key(spec, x)])
                     for x in records})
@@ -301,11 +306,7 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
         lines += [f"Not yet recorded ({len(missing)} of the sweep's runs: not run, deferred or "
                   f"failed; `studies/{spec.name}/<run>/train.log` says which): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
-    grid = tuning_table(results, spec.name)
-    if grid is not None:
-        lines += ["Learning rates: the tuning grid's validation metric at each rate (seed 0; "
-                  "the study runs each encoding at its chosen rate, `conf/tuned/"
-                  f"{spec.name}/`):", "", "```", grid, "```", ""]
+    lines += grid_lines
     comp, verdicts = comparisons(spec, records)
     lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
               comp, ""]

@@ -9,9 +9,11 @@ the rows of one dataset are comparable.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,15 @@ from evaluation.checkpoints import LoadedModel, load_models
 from evaluation.config import validate_eval_config
 from evaluation.generation_quality import generation_quality
 from evaluation.passkey import passkey_accuracy
-from evaluation.perplexity import format_ppl_table, perplexity_rows, summarize_ppl
+from evaluation.perplexity import describe_row, format_ppl_table, perplexity_rows, summarize_ppl
 from evaluation.plots import plot_nll_by_position, plot_passkey_heatmap, plot_ppl_vs_length
 from evaluation.stats import Spread
 from evaluation.streams import load_stream
-from evaluation.wandb_runs import resolve_mode, sweep_group
+from evaluation.wandb_runs import eval_group, resolve_mode
 from models.checkpoint import relative_training_range
 
 log = logging.getLogger(__name__)
+
 
 def resolve_lengths(values: list[int | float], unit: str, train_length: int) -> list[int]:
     if unit == "multiple":
@@ -96,15 +99,13 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                 base = {"model": tag, "group": lm.group + suffix, "seed": lm.seed,
                         "pe": lm.pe_name, "checkpoint": str(lm.path), "dataset": dataset,
                         "split": e.split, "lm_infinite": use_lmi}
+                log.info("perplexity: %s on %s (%s split) at %s tokens", tag, dataset, e.split,
+                         ", ".join(map(str, lengths)))
                 new, longest = perplexity_rows(
                     lm.model, ids, boundary, lengths, base=base, protocol=e.protocol,
                     stride=e.stride, batch_tokens=int(e.batch_tokens), device=device,
-                    autocast_dtype=autocast, track_memory=True, train_length=lm.train_length)
-                for r in new:
-                    log.info("%-18s %-12s len %6d  ppl %9s  (%s tokens, %.1fs, %.0f MiB)", tag,
-                             dataset, r["length"], "n/a" if r["ppl"] is None else
-                             f"{r['ppl']:.2f}", r.get("tokens", 0), r.get("seconds", 0.0),
-                             r.get("peak_mib", 0.0))
+                    autocast_dtype=autocast, track_memory=True, train_length=lm.train_length,
+                    on_row=functools.partial(log_ppl_row, tag, dataset))
                 rows += new
                 if e.protocol == "blocks" and longest is not None:
                     # Summed over the seeds of a group: one curve per group.
@@ -113,6 +114,13 @@ def run_perplexity(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                     by_position[key] = (sums + longest.nll_by_position,
                                         counts + longest.count_by_position)
     return rows, {k: s / np.maximum(c, 1) for k, (s, c) in by_position.items()}
+
+
+def log_ppl_row(tag: str, dataset: str, row: dict[str, Any]) -> None:
+    """A progress line per model, dataset and length as soon as the length is done (a long
+    evaluation followed in eval.log or a redirected stdout)."""
+    memory = f", {row.get('peak_mib', 0.0):.0f} MiB" if row.get("ppl") is not None else ""
+    log.info("%-18s %-12s %s%s", tag, dataset, describe_row(row), memory)
 
 
 def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device,
@@ -126,6 +134,7 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
         for suffix, _ in attention_variants(cfg, lm):
             tag = lm.label + suffix
             for length in lengths:  # a length this model cannot run is a row, not a crash
+                t0 = time.perf_counter()
                 try:
                     found = passkey_accuracy(lm.model, lm.tokenizer, [length], list(p.depths),
                                              trials=p.trials, seed=cfg.seed, separator_ids=seps,
@@ -133,6 +142,10 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
                 except (BipeError, ValueError) as exc:
                     found = [{"length": length, "depth": d, "trials": 0, "accuracy": None,
                               "note": first_line(exc)} for d in p.depths]
+                scored = [r["accuracy"] for r in found if r["accuracy"] is not None]
+                log.info("passkey: %-18s len %6d  accuracy %s over %d depths (%.1fs)", tag,
+                         length, f"{100 * sum(scored) / len(scored):.0f}%" if scored else "n/a",
+                         len(found), time.perf_counter() - t0)
                 rows += [{"model": tag, **row} for row in found]
     return rows
 
@@ -151,6 +164,7 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                 tag = lm.label + suffix
                 found = []
                 for prefix in prefixes:  # a length this model cannot run is a row, not a crash
+                    t0 = time.perf_counter()
                     try:
                         found += generation_quality(
                             lm.model, lm.tokenizer, ids, boundary, [prefix],
@@ -159,6 +173,10 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                     except (BipeError, ValueError) as exc:
                         found.append({"prefix": prefix, "samples": 0, "bleu": None,
                                       "note": first_line(exc)})
+                    bleu = found[-1].get("bleu")
+                    log.info("generation: %-18s %-12s prefix %6d  bleu %s (%.1fs)", tag, dataset,
+                             prefix, "n/a" if bleu is None else f"{bleu:.3g}",
+                             time.perf_counter() - t0)
                 for row in found:
                     rows.append({"model": tag, "dataset": dataset, **row})
     return rows
@@ -213,22 +231,29 @@ def write_outputs(out: Path, cfg: DictConfig, ppl_rows: list[dict],
     return files
 
 
-def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows: list[dict],
-                 gen_rows: list[dict], files: dict[str, Path]) -> None:
-    """The tables and figures as one W&B run (job_type eval; mode as for training), in the
-    sweep's group when a sweep is evaluated; nothing with `logger=none`."""
+def wandb_mode(cfg: DictConfig) -> str | None:
+    """The mode of the evaluation's W&B run; None when none is made (`logger=none`, csv,
+    tensorboard: the files in the run folder are the record; or mode disabled)."""
     logger = cfg.get("logger") or {}
     if not logger.get("_target_", "").endswith("wandb_logger"):
-        return  # logger=none or csv: the files in the run folder are the record
+        return None
     mode = resolve_mode(logger.get("mode"))
-    if mode == "disabled":
+    return None if mode == "disabled" else mode
+
+
+def log_to_wandb(cfg: DictConfig, out: Path, ppl_rows: list[dict], passkey_rows: list[dict],
+                 gen_rows: list[dict], files: dict[str, Path], group: str | None = None) -> None:
+    """The tables and figures as one W&B run (job_type eval; mode as for training) in `group`
+    (`eval_group`: the sweep's, or the checkpoints' training runs'); nothing without W&B."""
+    mode = wandb_mode(cfg)
+    if mode is None:
         return
+    logger = cfg.logger
     import wandb  # lazy: a 1.5-second import, only when a W&B run is made
 
     os.environ.setdefault("WANDB_CACHE_DIR", str(Path(cfg.paths.cache_dir) / "wandb"))
     run = wandb.init(project=logger.get("project", "bipe"), entity=logger.get("entity"),
-                     mode=mode, job_type="eval", dir=str(out), name=out.name,
-                     group=sweep_group(cfg.sweep_dir) if cfg.get("sweep_dir") else None,
+                     mode=mode, job_type="eval", dir=str(out), name=out.name, group=group,
                      tags=list(cfg.get("tags") or logger.get("tags") or []),
                      config=OmegaConf.to_container(cfg.eval, resolve=True))
     try:
@@ -268,6 +293,10 @@ def evaluate(cfg: DictConfig) -> dict[str, list[dict]]:
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     out = Path(cfg.paths.output_dir)
     models = load_models(cfg, device)
+    group = None
+    if wandb_mode(cfg) is not None:  # before the long work: a bad run record stops it here
+        group = eval_group((cfg.get("logger") or {}).get("group"), cfg.get("sweep_dir"),
+                           [lm.path for lm in models])
     rows: dict[str, list[dict]] = {"perplexity": [], "passkey": [], "generation": []}
     by_position: dict[str, np.ndarray] = {}
     stages = [("perplexity", lambda: run_perplexity(cfg, models, device, cache_dir))]
@@ -291,5 +320,6 @@ def evaluate(cfg: DictConfig) -> dict[str, list[dict]]:
                 print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in r.items()))
     print(f"\nresults in {out}")
-    log_to_wandb(cfg, out, rows["perplexity"], rows["passkey"], rows["generation"], files)
+    log_to_wandb(cfg, out, rows["perplexity"], rows["passkey"], rows["generation"], files,
+                 group)
     return rows

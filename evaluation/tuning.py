@@ -129,12 +129,24 @@ def load_record_runs(folder: Path, metric: str | None = None
     return metric, runs
 
 
-def choose(metric: str, runs: Sequence[dict[str, Any]]) -> list[TuningResult]:
-    """Per cell (the overrides but the learning rate and seed), the best learning rate. A run
-    without metrics (a job that failed) only marks its learning rate as part of the grid."""
+def study_grid(study: str) -> list[float]:
+    """The learning rates of a study's tuning grid, `conf/hparams_search/<name>_lr.yaml` for
+    study `<name>_sweep` ([] when it has none)."""
+    path = CONF / "hparams_search" / f"{study.removesuffix('_sweep')}_lr.yaml"
+    if not path.is_file():
+        return []
+    params = (((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("sweeper")
+              or {}).get("params") or {}
+    return [float(v) for v in str(params.get(LR_KEY, "")).split(",") if v.strip()]
+
+
+def choose(metric: str, runs: Sequence[dict[str, Any]],
+           grid: Sequence[float] = ()) -> list[TuningResult]:
+    """Per cell (the overrides but the learning rate and seed), the best learning rate. `grid`
+    and runs without metrics (jobs that failed) name learning rates the grid should have."""
     values: dict[Cell, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     members: dict[Cell, list[tuple[int | None, str]]] = defaultdict(list)
-    grid = {float(run["overrides"][LR_KEY]) for run in runs}
+    grid = {*grid, *(float(run["overrides"][LR_KEY]) for run in runs)}
     for run in runs:
         if run["metrics"] is None:
             continue
@@ -224,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(e.g. conf/tuned/arithmetic_sweep)")
     args = parser.parse_args(argv)
     try:
-        if args.metric and any(args.sweep_dir.glob("*.json")):
+        grid: list[float] = []
+        if any(args.sweep_dir.glob("*.json")):  # a study's records: its grid is in conf/
             metric, runs = load_record_runs(args.sweep_dir, args.metric)
+            grid = study_grid(args.sweep_dir.name)
         else:
             metric, runs = load_runs(args.sweep_dir)
-        results = choose(metric, runs)
+        results = choose(metric, runs, grid)
         print(format_table(metric, results))
         print(f"{len(runs)} runs in {args.sweep_dir}")
         if args.write is not None:

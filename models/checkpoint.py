@@ -12,6 +12,7 @@ does not import Lightning, so `train.py` reports a bad checkpoint without that i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from bipe.config import HF_SCALING_KEYS, normalize_scaling
-from bipe.errors import CheckpointError, ConfigError, first_line
+from bipe.errors import CheckpointError, ConfigError, first_line, name_file
 from bipe.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "bipe"
 FORMAT_VERSION = 1
 STATE_PREFIX = "model."  # the LightningModule holds the Transformer as `self.model`
+# What torch.save's C++ writer raises when a write fails; writing to a path itself (not to a
+# Python file), it keeps no OSError behind it to say why.
+TORCH_WRITE_FAILURES = ("unexpected pos", "iostream error", "file write failed",
+                        "failed writing file")
+FULL_BELOW = 16 << 20  # bytes left on a disk below which a failed write is taken as a full disk
 
 
 def to_plain(obj: Any, key: str = "value") -> Any:
@@ -51,9 +57,53 @@ def to_plain(obj: Any, key: str = "value") -> Any:
     raise TypeError(f"{key}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
 
 
+def confirmed_disk_fault(exc: BaseException, path: Path) -> OSError | None:
+    """An `OSError` naming `path` for a `torch.save` failure with no `OSError` behind it: its
+    message is one of torch's write failures AND `os.statvfs` finds the disk holding `path`
+    read-only or (nearly) full, while the partial file still fills it; else None (the error
+    keeps its traceback: a failed write is not always a full disk)."""
+    messages: list[str] = []
+    link: BaseException | None = exc
+    while link is not None and len(messages) < 16:
+        if isinstance(link, OSError):
+            return None  # it says itself what failed
+        messages.append(str(link))
+        link = link.__cause__ or link.__context__
+    if not any(m in text for m in TORCH_WRITE_FAILURES for text in messages):
+        return None
+    try:
+        disk = os.statvfs(path.parent)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+    if disk.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif disk.f_bavail * disk.f_frsize < FULL_BELOW:
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)`, atomically (`bipe.io.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """`torch.save(obj, path)`, atomically (`bipe.io.atomic_write`). A full or read-only disk
+    raises an error whose `OSError` names `path` (`bipe.errors.environment_cause`), however
+    torch reports it."""
+    path = Path(path)
+
+    def write(f: Any) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # checked here, while the partial file fills the disk
+            fault = confirmed_disk_fault(exc, path)
+            if fault is None:
+                raise
+            raise fault from exc
+
+    try:
+        atomic_write(path, write)
+    except Exception as exc:  # the OSError of a write to an open file names no file
+        name_file(exc, path)
+        raise
 
 
 def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") -> Path:
@@ -72,11 +122,14 @@ def resolve_checkpoint_path(path: str | os.PathLike, key: str = "checkpoint") ->
 
 
 def verify_archive(path: Path, key: str = "checkpoint") -> None:
-    """`CheckpointError` when `path` is a zip archive (what `torch.save` writes) with a member
-    whose bytes fail its CRC-32: `torch.load` does not check them, so a flipped byte inside a
-    tensor would load as a wrong weight. Other files are left to `torch.load` to judge."""
+    """`CheckpointError` unless `path` is a zip archive (what `torch.save` writes, and so every
+    checkpoint of this project) whose members all pass their CRC-32 check: `torch.load` does not
+    check them, so a flipped byte inside a tensor would load as a wrong weight; and it would
+    report a file of random bytes as one that holds Python objects."""
     if not zipfile.is_zipfile(path):
-        return
+        raise CheckpointError(f"{key}={path} cannot be read: it is not a checkpoint (not the zip "
+                              "archive torch.save writes: a truncated copy or another kind of "
+                              "file); use a .ckpt written by train.py or its run folder")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -101,9 +154,13 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "checkpoint",
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        # torch refuses every pickle it cannot read with "Weights only load failed"; only a
+        # GLOBAL (a class or function to import) is a Python object, the rest is damage
+        refused = "Weights only load failed" in str(exc)
+        if not refused or "GLOBAL" not in str(exc):
+            detail = "its pickle is not one torch.save writes" if refused else first_line(exc)
             raise CheckpointError(f"{key}={p} cannot be read (truncated or corrupted?): "
-                                  f"{first_line(exc)}") from None
+                                  f"{detail}") from None
         raise CheckpointError(
             f"{key}={p} holds Python objects besides tensors and plain values, which this "
             "project's checkpoints never do: it was not written by train.py, or was altered; "

@@ -9,22 +9,28 @@ and `AutoTokenizer.from_pretrained` load it, and its logits are this project's (
 bias Llama has not; BiPE reads segment boundaries, which no Hugging Face model takes), so they are
 written with `save_pretrained` (config.json, model.safetensors, tokenizer.json; load them with
 `models.Transformer.from_pretrained`), and the command says so.
+
+Either way the folder gets a `bipe_manifest.json` (its files and their SHA-256) and is replaced
+as a whole (`bipe.io.replace_folder`). A previous export in `--out` is replaced; a non-empty
+`--out` that holds none is refused unless `--overwrite`, which writes the export's files and keeps
+the others: an export never deletes a file it did not write.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from bipe.errors import BipeError, CheckpointError, first_line
-from bipe.io import fsync_dir, make_temp_dir
+from bipe.io import file_mode, replace_folder
 from models.config import ModelConfig
 from models.hf_llama import to_llama_state_dict
+from models.pretrained import replaceable_files, write_manifest
 from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -69,8 +75,10 @@ def rope_parameters(cfg: ModelConfig, block_size: int) -> tuple[dict[str, Any], 
     return out, int(factor * s["original_max_position"])
 
 
-def export_llama(model: Transformer, out: Path) -> Path:
-    """Write `model` (a `rope` Transformer with its tokenizer) as a transformers Llama folder."""
+def export_llama(model: Transformer, out: Path, *, replaces: Collection[str] = ()) -> Path:
+    """Write `model` (a `rope` Transformer with its tokenizer) as a transformers Llama folder,
+    replacing `out` as a whole; of an existing `out`, the files named in `replaces` (a previous
+    export's) go and the others stay."""
     # lazy: transformers takes seconds to import and only the export needs it
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -91,33 +99,37 @@ def export_llama(model: Transformer, out: Path) -> Path:
         pad_token_id=None)
     hf = LlamaForCausalLM(llama)
     hf.load_state_dict(to_llama_state_dict(model), strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.")
-    try:
+
+    def write(tmp: Path) -> None:
         hf.save_pretrained(tmp)
         if model.tokenizer is not None:
             PreTrainedTokenizerFast(tokenizer_object=model.tokenizer,
                                     eos_token=eod_token).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        # transformers writes the weights through a private temporary file (0600): give every
+        # file the permissions a plain write would, so the group that shares --out can read it
+        mode = file_mode()
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, mode)
+        write_manifest(tmp, "models.export_hf")
+
+    return replace_folder(out, write, replaces=replaces)
 
 
-def export(ckpt: str | Path, out: str | Path) -> tuple[Path, str | None]:
+def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False
+           ) -> tuple[Path, str | None]:
     """Export the model of `ckpt` into `out`: `(folder, None)` for a Llama folder, or
-    `(folder, why not)` for a `save_pretrained` folder."""
-    model = Transformer.from_pretrained(ckpt, key="--ckpt")
+    `(folder, why not)` for a `save_pretrained` folder. CheckpointError for a non-empty `out`
+    that holds no previous export, unless `overwrite` (module docstring)."""
     out = Path(out).expanduser()
+    # before the model is read: a refused --out should not cost the load
+    replaces = replaceable_files(out, overwrite=overwrite, what="--out", flag="--overwrite")
+    model = Transformer.from_pretrained(ckpt, key="--ckpt")
     why = exportable_to_llama(model.config)
     if why is not None:
-        return model.save_pretrained(out), why
+        return model.save_pretrained(out, overwrite=True), why
     try:
-        return export_llama(model, out), None
+        return export_llama(model, out, replaces=replaces), None
     except (ValueError, RuntimeError) as exc:  # transformers refusing a config or a weight
         raise CheckpointError(f"--ckpt {ckpt}: the Llama export failed: {first_line(exc)}") \
             from None
@@ -129,10 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m models.export_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a run folder, a .ckpt or a saved folder")
     parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that holds no previous export: the "
+                        "export's files are replaced, the others kept")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        folder, why = export(args.ckpt, args.out)
+        folder, why = export(args.ckpt, args.out, overwrite=args.overwrite)
     except BipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

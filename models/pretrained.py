@@ -103,14 +103,15 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in files.items()}
 
 
-def verify_folder(folder: Path) -> bool:
+def verify_folder(folder: Path) -> dict[str, str] | None:
     """Check every file the manifest lists against its SHA-256: CheckpointError naming the first
-    missing or changed one. False (and a warning) for a folder without a manifest."""
+    missing or changed one; returns the manifest, or None (and a warning) for a folder without
+    one, which still loads: folders saved before manifests existed cannot be verified."""
     files = read_manifest(folder)
     if files is None:
         log.warning("%s has no %s (saved before manifests existed): its files cannot be "
                     "verified; save it again to add one", folder, MANIFEST_FILE)
-        return False
+        return None
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
@@ -120,7 +121,7 @@ def verify_folder(folder: Path) -> bool:
             raise CheckpointError(f"{path} does not match its SHA-256 in {MANIFEST_FILE} (a "
                                   "damaged copy or disk, or an edited file): copy the folder "
                                   "again from its source, or save the model again")
-    return True
+    return files
 
 
 def owned_files(folder: Path) -> set[str] | None:
@@ -161,7 +162,7 @@ def replaceable_files(folder: Path, *, overwrite: bool, what: str, flag: str) ->
 def read_saved_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(meta, state dict)` of a `save_pretrained` folder, its files checked against the
     manifest first; CheckpointError naming a bad file."""
-    listed = verify_folder(folder) and read_manifest(folder) or {}
+    listed = verify_folder(folder)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -179,7 +180,7 @@ def read_saved_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = dict(config[CHECKPOINT_KEY])
     tokenizer = folder / TOKENIZER_FILE
     if tokenizer.is_file():
-        if listed and TOKENIZER_FILE not in listed:
+        if listed is not None and TOKENIZER_FILE not in listed:
             log.warning("%s was added after the model was saved (%s does not list it): it is "
                         "used unverified", tokenizer, MANIFEST_FILE)
         meta["tokenizer"] = tokenizer.read_text()
@@ -205,6 +206,7 @@ def download_from_hub(repo_id: str, *, key: str = "checkpoint",
     """The local folder of Hub repo `repo_id` (its saved-model files only, through the Hugging
     Face cache); CheckpointError naming the repo id when it cannot be had."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -217,10 +219,11 @@ def download_from_hub(repo_id: str, *, key: str = "checkpoint",
         folder = Path(huggingface_hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=list(SAVED_FILES)))
     except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE=1 is set (unset it to download)" if constants.HF_HUB_OFFLINE
+               else "this machine is offline or cannot reach the Hub")
         raise CheckpointError(f"{where} is not in the local Hugging Face cache and cannot be "
-                              "downloaded: this machine is offline (or HF_HUB_OFFLINE=1 is set); "
-                              "check the path, or download the repo with network access "
-                              "first") from None
+                              f"downloaded: {why}; check the path, or download the repo where "
+                              "there is a network first") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{where} has no revision {revision!r}") from None
     except RepositoryNotFoundError:
@@ -320,6 +323,9 @@ class PretrainedMixin:
         import huggingface_hub
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+        # HfHubHTTPError derives from the HTTP client's own base error, which a refused
+        # connection raises too; catching that base reports a network failure in one line.
+        failures = (OSError, *HfHubHTTPError.__bases__)
         with tempfile.TemporaryDirectory(prefix=".bipe-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / "model", tokenizer=tokenizer, meta=meta)
             api = huggingface_hub.HfApi(token=token)
@@ -331,7 +337,7 @@ class PretrainedMixin:
             except OfflineModeIsEnabled:
                 raise CheckpointError(f"cannot push to Hub repo {repo_id}: HF_HUB_OFFLINE=1 is "
                                       "set; unset it on a machine with network access") from None
-            except (HfHubHTTPError, OSError) as exc:
+            except failures as exc:
                 raise CheckpointError(f"cannot push to Hub repo {repo_id}: {first_line(exc)} "
                                       "(offline, not logged in (hf auth login), or no write "
                                       "access?)") from None

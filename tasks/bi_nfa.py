@@ -80,6 +80,11 @@ MAX_OUTER_STATES = 6  # 2^6 = 64 set tokens
 MAX_MAJORITY = 0.5  # screening thresholds (module docstring, "degenerate")
 MAX_ONE_LEVEL = 0.8
 MAX_CANDIDATES = 200
+# Sequence sizes: a sequence is built whole in memory (about 340 bytes a segment), and the
+# screening runs 200 x 8 words per candidate automaton, so both are bounded; far past any
+# block size a model trains on (1024 segments of 64 letters: ~68,000 tokens).
+MAX_SEGMENTS = 1024
+MAX_SEGMENT_LENGTH = 64
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 SEPARATOR = "#"
@@ -363,10 +368,12 @@ def bi_nfa_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, flo
     }
 
 
-def _range(key: str, value: Any) -> list[int]:
+def _range(key: str, value: Any, top: int) -> list[int]:
     lo, hi = check_int_list(key, value, 1, length=2)
     if lo > hi:
         raise ConfigError(f"{key}={[lo, hi]} must be [min, max] with min <= max")
+    if hi > top:
+        raise ConfigError(f"{key}={[lo, hi]}: at most {top}")
     return [lo, hi]
 
 
@@ -394,9 +401,14 @@ class BiNFAConfig(GeneratedTaskConfig):
             raise ConfigError(f"task.density={self.density!r} must be a number in [0, 1]")
         self.density = float(self.density)
         check_int("task.automaton_seed", self.automaton_seed, 0)
-        self.segment_length = _range("task.segment_length", self.segment_length)
-        self.segments = _range("task.segments", self.segments)
+        self.segment_length = _range("task.segment_length", self.segment_length,
+                                     MAX_SEGMENT_LENGTH)
+        self.segments = _range("task.segments", self.segments, MAX_SEGMENTS)
         self.test_multipliers = check_int_list("task.test_multipliers", self.test_multipliers, 1)
+        top = self.segments[1] * max(self.test_multipliers)
+        if top > MAX_SEGMENTS:
+            raise ConfigError(f"task.segments max x max(task.test_multipliers) = {top} segments; "
+                              f"at most {MAX_SEGMENTS}")
 
 
 @register
@@ -476,8 +488,12 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--density", type=float, default=DEFAULTS["density"])
     parser.add_argument("--automaton-seed", type=int, default=DEFAULTS["automaton_seed"])
     args = parser.parse_args(argv)
-    if not 1 <= args.min_length <= args.max_length or args.segments < 1 or args.count < 0:
-        parser.error("need 1 <= --min-length <= --max-length, --segments >= 1, --count >= 0")
+    if not 1 <= args.segments <= MAX_SEGMENTS:
+        parser.error(f"--segments must be in 1..{MAX_SEGMENTS} (a sequence is built whole in "
+                     "memory)")
+    if not 1 <= args.min_length <= args.max_length <= MAX_SEGMENT_LENGTH or args.count < 0:
+        parser.error(f"need 1 <= --min-length <= --max-length <= {MAX_SEGMENT_LENGTH} and "
+                     "--count >= 0")
     length = (args.min_length, args.max_length)
     try:
         automaton = make_bi_nfa(args.alphabet, args.inner_states, args.outer_states,

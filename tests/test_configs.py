@@ -241,15 +241,46 @@ def test_slurm_launcher_composes_and_its_plugin_loads():
     assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.nodes) == ("gpu", 1)
 
 
-def test_help_is_a_short_page_of_groups_and_examples():
+INTERNAL_GROUPS = ("hydra", "schema", "tuned")  # picked by the code or an experiment, not typed
+
+
+def help_groups(script: str) -> tuple[str, dict[str, list[str]]]:
+    """`python <script> --help`: its text and its "Config groups" section as {group: options}."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) < 40 and any(line.startswith("pe: ") for line in lines)
-    assert "python train.py task=arithmetic" in out.stdout
+    start = lines.index("Config groups (group=option):") + 1
+    end = lines.index("", start)
+    groups = {}
+    for line in lines[start:end]:
+        group, _, options = line.partition(": ")
+        groups[group] = options.split(", ")
+    return out.stdout, groups
+
+
+def test_train_help_lists_every_group_a_user_picks_with_its_options_and_no_internal_one():
+    text, groups = help_groups("train.py")
+    folders = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    assert {"pe", "logger", "experiment"} <= set(folders)
+    expected = {f: options(f) for f in folders if f not in INTERNAL_GROUPS}
+    assert {g: sorted(o) for g, o in groups.items()} == expected, \
+        "conf/hydra/default.yaml's help lists other groups or options than conf/ holds"
+    assert not any(g.startswith(f"{i}/") or g == i for g in groups for i in INTERNAL_GROUPS)
+    assert "schema/" not in text and "tuned/" not in text
+    assert len(text.splitlines()) < 40 and "python train.py task=arithmetic" in text
+
+
+def test_eval_help_lists_only_the_groups_an_evaluation_reads():
+    text, groups = help_groups("eval.py")
+    defaults = OmegaConf.load(CONF / "eval.yaml").defaults
+    read = sorted(next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d))
+    assert read == ["logger", "paths"]
+    assert {g: sorted(o) for g, o in groups.items()} == {g: options(g) for g in read}
+    assert "pe" not in groups and "schema/" not in text and "tuned/" not in text
+    assert len(text.splitlines()) < 40 and "python eval.py sweep_dir=" in text

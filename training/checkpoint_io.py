@@ -28,4 +28,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location=map_location or "cpu")
+        # Lightning reads the checkpoint a run resumes from, which train.py takes as ckpt_path=
+        return load_checkpoint(path, key="ckpt_path", map_location=map_location or "cpu")

@@ -33,6 +33,8 @@ from typing import Any
 
 import lightning as L
 
+from bipe.errors import environment_cause
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -191,9 +193,14 @@ class InterruptedCheckpoint(L.Callback):
             return  # saved already / nothing trained yet
         try:
             self.save(trainer)
-        except OSError as exc:  # e.g. the full disk that stopped the run: report that error alone
+        except Exception as exc:
+            # e.g. the full disk that stopped the run, which torch.save may report as a
+            # RuntimeError over the OSError: let the run's own error be the one reported
+            fault = environment_cause(exc)
+            if fault is None:
+                raise
             log.warning("training stopped at step %d (%s); could not save %s either: %s",
-                        trainer.global_step, type(exception).__name__, self.path, exc)
+                        trainer.global_step, type(exception).__name__, self.path, fault)
             return
         log.warning("training stopped at step %d (%s); saved %s, resume with ckpt_path=%s",
                     trainer.global_step, type(exception).__name__, self.path, self.path)

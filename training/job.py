@@ -1,6 +1,6 @@
 """What wraps the entry points: `cli` around Hydra's main (its own errors become one line) and
 `run_job` around every job (a `BipeError` or a full / read-only disk becomes one line, a
-stopping signal an exit status of 128 + its number; the W&B run is always closed)."""
+stopping signal or Ctrl-C an exit status of 128 + its number; the W&B run is always closed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from bipe.errors import BipeError, first_line
+from bipe.errors import ENVIRONMENT_ERRNOS, BipeError, environment_cause, first_line
 from evaluation.wandb_runs import finish_wandb
 from training.interrupted import TrainingStopped
 
@@ -27,24 +28,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXIT_USAGE = 2  # a BipeError (bad config, data or checkpoint) or a machine that cannot do it
-# Errors that come from the machine, not from the code: a full or read-only disk, no permission.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                      errno.EFBIG: "the file is too large for its file system",
-                      errno.EROFS: "the file system is read-only",
-                      errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C outside training, as a shell reports it
 
 
 def environment_error(exc: BaseException) -> str | None:
-    """One line for an `OSError` the machine caused (see `ENVIRONMENT_ERRNOS`), naming the file
-    and the way out; None for any other exception (a bug must keep its traceback)."""
-    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_ERRNOS:
+    """One line for an `OSError` the machine caused (`ENVIRONMENT_ERRNOS`), `exc` itself or one
+    behind it (`bipe.errors.environment_cause`), naming the file and the way out; None for any
+    other exception (a bug must keep its traceback)."""
+    fault = environment_cause(exc)
+    if fault is None:
         return None
-    where = exc.filename or "a file"
+    where = fault.filename or "a file"
     fix = ("free space there or point paths.root (outputs) / paths.cache_dir (caches) at "
-           "another disk") if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+           "another disk") if fault.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
         "make it writable or point paths.root (outputs) / paths.cache_dir (caches) at a "
         "writable folder")
-    return f"cannot use {where}: {ENVIRONMENT_ERRNOS[exc.errno]}; {fix}"
+    return f"cannot use {where}: {ENVIRONMENT_ERRNOS[fault.errno]}; {fix}"
 
 
 def _in_multirun() -> bool:
@@ -78,7 +77,8 @@ def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run `fn(cfg)`; on a `BipeError`, or an `OSError` the machine caused (`environment_error`),
     print `error: <message>` (one line) and exit with status 2;
     on `TrainingStopped` (SIGINT, SIGTERM) print where to resume from and exit with 128 + the
-    signal number, as a shell reports a process the signal killed.
+    signal number, as a shell reports a process the signal killed; on Ctrl-C before or after
+    training (building the data cache, testing) print one line and exit with 130.
 
     In a multirun the error is logged and re-raised instead, so Hydra marks this job failed and
     still runs the others. The W&B run is finished in every case (`failed` when `fn` raised), so
@@ -92,10 +92,13 @@ def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     except TrainingStopped as exc:  # a signal: the checkpoint is written; exit as killed by it
         print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (BipeError, OSError) as exc:
+    except KeyboardInterrupt:  # outside training, where no handler turns it into a checkpoint
+        print("stopped: interrupted by SIGINT (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
         message = first_line(exc) if isinstance(exc, BipeError) else environment_error(exc)
         if message is None:
-            raise  # an OSError the code caused: keep the traceback
+            raise  # a bug, or an OSError the code caused: keep the traceback
         if _in_multirun():
             log.error("error: %s", message)
             raise
@@ -152,7 +155,7 @@ def cli(main: Callable[[], object]) -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except OSError as exc:  # Hydra creating the run folder on a full or read-only disk
+    except Exception as exc:  # Hydra creating the run folder on a full or read-only disk
         message = environment_error(exc)
         if message is None:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,13 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from bipe.config import build
-from evaluation.perplexity import format_ppl_table, perplexity_rows
+from evaluation.perplexity import describe_row, format_ppl_table, perplexity_rows
 from models import ModelConfig, Transformer
 from models.checkpoint import CHECKPOINT_KEY, FORMAT_VERSION, load_checkpoint, to_plain
 from training.config import OptimConfig, RunSettings
 from training.schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -193,13 +196,18 @@ class LanguageModel(L.LightningModule):
         ids, boundary = dm.split_arrays(ev.split)
         lengths = [m * block for m in ev.lengths]
         name = run["pe"]["name"]
+        # A line per length as it finishes: the longest can take as long as a stretch of
+        # training, and a run followed in its log file would otherwise fall silent here.
+        log.info("length check: %s perplexity at %s tokens", ev.split,
+                 ", ".join(map(str, lengths)))
         rows, _ = perplexity_rows(
             self.model, ids, boundary, lengths, train_length=block,
             base={"model": name, "group": name, "seed": run["seed"], "pe": name,
                   "dataset": run["data"]["name"], "split": ev.split, "lm_infinite": False},
             batch_size=ev.batch_size, max_blocks=ev.max_blocks,
             batch_tokens=run["data"]["batch_size"] * block,
-            device=device, autocast_dtype=AUTOCAST_DTYPES.get(str(run["trainer"]["precision"])))
+            device=device, autocast_dtype=AUTOCAST_DTYPES.get(str(run["trainer"]["precision"])),
+            on_row=lambda row: log.info("length check: %s", describe_row(row)))
         step = self.trainer.global_step
         table = format_ppl_table(rows)
         title = (f"{ev.split} perplexity vs length: pe={name}, trained on {block}-token "

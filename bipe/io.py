@@ -7,7 +7,8 @@ POSIX and Windows), and the folder is fsynced so the rename survives a crash. A 
 disk, a read-only folder, Ctrl-C) removes the temporary file and leaves the target untouched.
 
 A folder of files that belong together (a saved model) goes through `replace_folder` the same
-way: written into a hidden folder beside the target, then swapped in with one rename.
+way: written into a hidden folder beside the target, then swapped in (one atomic exchange on
+Linux), so a reader finds the old folder or the new one, never some files of each.
 """
 
 from __future__ import annotations

@@ -117,7 +117,11 @@ def verify_folder(folder: Path) -> dict[str, str] | None:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing, though {MANIFEST_FILE} lists it (an "
                                   "incomplete copy): copy the whole folder again")
-        if sha256_file(path) != want:
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path} cannot be read: {first_line(exc)}") from None
+        if got != want:
             raise CheckpointError(f"{path} does not match its SHA-256 in {MANIFEST_FILE} (a "
                                   "damaged copy or disk, or an edited file): copy the folder "
                                   "again from its source, or save the model again")

@@ -143,9 +143,10 @@ def run_passkey(cfg: DictConfig, models: list[LoadedModel], device: torch.device
                     found = [{"length": length, "depth": d, "trials": 0, "accuracy": None,
                               "note": first_line(exc)} for d in p.depths]
                 scored = [r["accuracy"] for r in found if r["accuracy"] is not None]
-                log.info("passkey: %-18s len %6d  accuracy %s over %d depths (%.1fs)", tag,
-                         length, f"{100 * sum(scored) / len(scored):.0f}%" if scored else "n/a",
-                         len(found), time.perf_counter() - t0)
+                accuracy = (f"{100 * sum(scored) / len(scored):.0f}% at {len(scored)} depths"
+                            if scored else f"n/a ({found[0].get('note', 'not measured')})")
+                log.info("passkey: %-18s len %6d  accuracy %s (%.1fs)", tag, length, accuracy,
+                         time.perf_counter() - t0)
                 rows += [{"model": tag, **row} for row in found]
     return rows
 
@@ -175,8 +176,8 @@ def run_generation(cfg: DictConfig, models: list[LoadedModel], device: torch.dev
                                       "note": first_line(exc)})
                     bleu = found[-1].get("bleu")
                     log.info("generation: %-18s %-12s prefix %6d  bleu %s (%.1fs)", tag, dataset,
-                             prefix, "n/a" if bleu is None else f"{bleu:.3g}",
-                             time.perf_counter() - t0)
+                             prefix, f"n/a ({found[-1].get('note', 'not measured')})"
+                             if bleu is None else f"{bleu:.3g}", time.perf_counter() - t0)
                 for row in found:
                     rows.append({"model": tag, "dataset": dataset, **row})
     return rows

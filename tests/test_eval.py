@@ -82,6 +82,69 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, cache_dir):
         evaluate(compose_eval([f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path / "e2", cache_dir))
 
 
+def test_eval_of_a_run_folder_logs_each_length_and_joins_the_runs_wandb_group(
+        two_runs, cache_dir, tmp_path, monkeypatch, caplog):
+    """`eval.py ckpt_path=RUN`: a log line per model, dataset and length, and its W&B run in the
+    group the training run recorded in wandb_run.json (a stand-in wandb records the call)."""
+    import logging
+    import shutil
+    import sys
+    from types import SimpleNamespace
+
+    from eval import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs / "rope", run)
+    (run / "wandb_run.json").write_text(json.dumps({"id": "a1", "group": "2026-01-02_03-04-05"}))
+    inits = []
+    fake = SimpleNamespace(
+        run=None, init=lambda **kw: inits.append(kw) or SimpleNamespace(log=lambda *a: None),
+        finish=lambda **kw: None, Table=lambda **kw: None, Image=lambda *a: None,
+        plot=SimpleNamespace(line_series=lambda **kw: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_eval([f"ckpt_path={run}", "eval.max_tokens=64", "eval.lengths=[1,2]",
+                        "eval.datasets=[train]"], tmp_path / "eval", cache_dir)
+    with caplog.at_level(logging.INFO, logger="evaluation.runner"):
+        evaluate(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "evaluation.runner"]
+    for length, multiple in ((32, 1), (64, 2)):
+        assert any(line.startswith("rope ") and " train " in line and
+                   f"len {length:6d} ({multiple}x)  ppl " in line for line in lines), lines
+    assert len(inits) == 1 and inits[0]["job_type"] == "eval"
+    assert inits[0]["group"] == "2026-01-02_03-04-05"
+
+
+def test_the_eval_wandb_group_is_the_one_its_training_runs_share(tmp_path, caplog):
+    """The configured group wins, then a sweep's; else the group recorded by the checkpoints'
+    training runs when they all share one, and none (saying why) when they do not."""
+    from bipe.errors import ConfigError
+    from evaluation.wandb_runs import eval_group, sweep_group
+
+    def ckpt(name: str, record: dict | str | None) -> Path:
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        if record is not None:
+            text = record if isinstance(record, str) else json.dumps(record)
+            (run / "wandb_run.json").write_text(text)
+        return run / "checkpoints" / "last.ckpt"
+
+    a, b = ckpt("a", {"group": "g1"}), ckpt("b", {"id": "x", "group": "g1"})
+    other, single, plain = ckpt("c", {"group": "g2"}), ckpt("d", {"group": None}), ckpt("e", None)
+    assert eval_group(None, None, [a]) == eval_group(None, None, [a, b, a]) == "g1"
+    assert eval_group("mine", tmp_path / "sweep", [a]) == "mine"
+    assert eval_group(None, tmp_path / "sweep", [other]) == sweep_group(tmp_path / "sweep")
+    with caplog.at_level("INFO", logger="evaluation.wandb_runs"):
+        for checkpoints, why in (([a, other], "different W&B groups (g1, g2)"),
+                                 ([a, plain], "has no wandb_run.json"),
+                                 ([single], "in no W&B group")):
+            caplog.clear()
+            assert eval_group(None, None, checkpoints) is None
+            assert why in caplog.text
+    with pytest.raises(ConfigError, match=r"f/wandb_run.json is not a W&B run record"):
+        eval_group(None, None, [ckpt("f", "{not json")])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["rope", "alibi", "bipe_rope", "bipe_alibi"])
 @pytest.mark.parametrize("lm_infinite", [False, True])

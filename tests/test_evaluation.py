@@ -66,6 +66,23 @@ def test_batching_does_not_change_the_result():
     assert many.nll == pytest.approx(one.nll, rel=1e-6)
 
 
+def test_each_length_is_reported_as_soon_as_it_is_done():
+    """`on_row` gets every row, in order, complete when it is called (the progress lines of the
+    length check and eval.py), a length the model cannot run included."""
+    from evaluation.perplexity import describe_row, perplexity_rows
+
+    model = tiny_model("learned", vocab=61, train_len=16)  # no positions past 16
+    ids = np.random.default_rng(3).integers(0, 61, size=65)
+    seen = []
+    rows, _ = perplexity_rows(model, ids, None, [8, 16, 32], base={"model": "m"},
+                              train_length=16, on_row=lambda row: seen.append(dict(row)))
+    assert seen == rows and [r["length"] for r in seen] == [8, 16, 32]
+    assert seen[0]["ppl"] > 1 and seen[0]["tokens"] == 64 and seen[2]["ppl"] is None
+    assert describe_row(seen[1]).startswith("len     16 (1x)  ppl ")
+    assert f"{seen[1]['ppl']:.2f}" in describe_row(seen[1])
+    assert "n/a" in describe_row(seen[2]) and seen[2]["note"] in describe_row(seen[2])
+
+
 @pytest.mark.parametrize("length", [160, 203, 512])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_length_and_depth(tokenizer, length, depth):

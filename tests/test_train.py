@@ -146,6 +146,23 @@ def test_the_run_writes_its_metrics_and_returns_the_optimized_one(run_train):
         optimized_value(compose_train(["optimized_metric=val/acc"]), metrics)
 
 
+def test_logger_tensorboard_writes_the_runs_metrics_as_event_files(run_train):
+    """logger=tensorboard: <run>/tensorboard/events.out.tfevents.* holds the training loss at
+    every step, each validation's val/loss and the end-of-run perplexities, as metrics.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, run_dir = run_train("tb", "logger=tensorboard")
+    # Two files: the end-of-run metrics come after Lightning closed the first at fit's end.
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "tensorboard" / "hparams.yaml").is_file()
+    scalars = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [e.step for e in scalars.Scalars("train/loss")] == list(range(6))
+    assert [e.step for e in scalars.Scalars("val/loss")][:2] == [2, 5]  # after steps 3 and 6
+    assert "hp_metric" not in scalars.Tags()["scalars"]
+    final = scalars.Scalars("eval/ppl_2x")[-1].value
+    assert final == pytest.approx(metrics["eval/ppl_2x"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_and_plain_checkpoints_load_into_each_other(run_train):
     """compile=true trains the same model under torch.compile: its checkpoint has the plain

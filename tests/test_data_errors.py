@@ -235,3 +235,118 @@ def test_batch_size_larger_than_the_corpus(tmp_path):
     with pytest.raises(DataError) as e:
         dm.setup("fit")
     assert "data.batch_size" in one_line(e) and "data.block_size" in str(e.value)
+
+
+def test_a_full_disk_while_building_the_cache_names_the_cache_folder(tmp_path, monkeypatch):
+    import errno
+
+    from training.job import environment_error
+
+    def full(self, ids, boundary, eod_id):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write to an open file
+
+    monkeypatch.setattr("data.packing.SplitWriter.add", full)
+    with pytest.raises(OSError) as e:
+        ready(cfg_for(tmp_path))
+    packed = tmp_path / "cache" / "packed"
+    assert Path(e.value.filename).parent == packed and e.value.filename.startswith(
+        str(packed / "text_files-"))
+    message = environment_error(e.value)
+    assert message.startswith(f"cannot use {e.value.filename}: the disk is full")
+    assert "paths.cache_dir" in message
+    assert [p.name for p in packed.iterdir() if p.suffix != ".lock"] == []  # no partial folder
+
+
+def _build_in_child(cfg: dict, events: Path) -> None:
+    """Build `cfg`'s cache in this (forked) process, its build held open for a second; report
+    the build and whether this process built it in `events`."""
+    real = LMDataModule._build
+
+    def slow(self, tmp, source):
+        with open(events, "a") as f:
+            f.write(f"start {time.monotonic()}\n")
+        time.sleep(1.0)  # long enough for the other builder to arrive at the lock
+        out = real(self, tmp, source)
+        with open(events, "a") as f:
+            f.write(f"end {time.monotonic()}\n")
+        return out
+
+    LMDataModule._build = slow
+    dm = ready(cfg)
+    with open(events, "a") as f:
+        f.write(f"built {dm.built_cache}\n")
+
+
+def test_two_builders_of_one_cache_take_turns(tmp_path):
+    import multiprocessing as mp
+
+    cfg = cfg_for(tmp_path, pack_workers=1)
+    events = tmp_path / "events"
+    fork = mp.get_context("fork")  # both from this state: same corpus, same cache key
+    builders = [fork.Process(target=_build_in_child, args=(cfg, events)) for _ in range(2)]
+    for p in builders:
+        p.start()
+    for p in builders:
+        p.join(120)
+    assert [p.exitcode for p in builders] == [0, 0]
+    lines = events.read_text().split()
+    # One builder built; the other waited for the lock, then found the finished cache.
+    assert lines.count("start") == lines.count("end") == 1
+    assert sorted(lines[i + 1] for i, w in enumerate(lines) if w == "built") == ["False", "True"]
+    assert len(list((tmp_path / "cache" / "packed").glob("text_files-*"))) == 1
+
+
+# A train.py whose cache build stops in a worker until it is interrupted, signalling `ready`.
+CTRL_C_CHILD = """
+import pathlib, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not SIG_IGN)
+root, ready = sys.argv[1], pathlib.Path(sys.argv[2])
+sys.argv = [root + "/train.py", *sys.argv[3:]]
+sys.path.insert(0, root)
+import data.encode
+
+real = data.encode._encode_in_worker
+
+def stuck(texts):
+    ready.touch()
+    time.sleep(300)
+    return real(texts)
+
+stuck.__module__, stuck.__qualname__ = real.__module__, real.__qualname__  # pickled by name
+data.encode._encode_in_worker = stuck
+runpy.run_path(root + "/train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_building_the_cache_is_one_line_status_130_and_no_partial_cache(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cache, ready_file = tmp_path / "cache", tmp_path / "ready"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1"}
+    # Its own process group, which Ctrl-C in a terminal signals as a whole: pool workers too.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_CHILD, str(ROOT), str(ready_file), "experiment=smoke",
+         "data=text_files", f"data.glob={corpus(tmp_path / 'corpus')}", "data.pack_workers=2",
+         f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready_file.exists(), proc.communicate(timeout=60)[1][-3000:]
+        assert list((cache / "packed").glob(".tmp-*"))  # mid-build: its temporary folder
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ForkPoolWorker" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "stopped: interrupted by SIGINT (Ctrl-C)"
+    assert [p.name for p in (cache / "packed").iterdir() if p.suffix != ".lock"] == []

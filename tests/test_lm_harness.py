@@ -107,3 +107,76 @@ def test_rolling_loglikelihood_and_generation(tokenizer, tmp_path):
     out = lm.generate_until([Instance("generate_until", {}, ("the king\n", {
         "until": ["\n\n"], "max_gen_toks": 5}), 0)])[0]
     assert isinstance(out, str) and "\n\n" not in out
+
+
+def lm_harness_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "evaluation.lm_harness", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_pretrained_is_one_line_before_lm_eval_starts(tmp_path, monkeypatch, capsys):
+    import lm_eval.__main__
+
+    import evaluation.lm_harness as harness
+
+    def lm_eval_started():
+        raise AssertionError("lm_eval started before pretrained= was checked")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lm_eval_started)
+    garbage = tmp_path / "random.ckpt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    cases = [(["--model_args", f"pretrained={tmp_path / 'nope'}"], "does not exist"),
+             (["--model_args", f'{{"pretrained": "{garbage}"}}'], "is not a checkpoint"),
+             (["-a", "device=cpu", "batch_size=1"], "needs --model_args pretrained=")]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as info:
+            harness.main(["--model", "bipe", *args, "--tasks", "lambada_openai"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("error: ") and needle in err[0]
+        assert "checkpoint=" not in err[0]  # the option is pretrained=
+
+
+def test_a_good_pretrained_is_loaded_once(tokenizer, tmp_path, monkeypatch):
+    import lm_eval.__main__
+
+    import evaluation.lm_harness as harness
+    from models import Transformer
+
+    run = write_run(tmp_path / "run", tiny_model("rope", vocab=tokenizer.get_vocab_size()),
+                    tokenizer)
+    loads, built = [], []
+    real = Transformer.from_pretrained
+
+    def counted(path, **kwargs):
+        loads.append(path)
+        return real(path, **kwargs)
+
+    def lm_eval_run():  # what lm_eval does with --model bipe: the model from its arguments
+        built.append(harness.BipeLM(pretrained=str(run)))
+        return 0
+
+    monkeypatch.setattr(Transformer, "from_pretrained", counted)
+    monkeypatch.setattr(harness.sys, "argv", ["lm_harness"])
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lm_eval_run)
+    with pytest.raises(SystemExit) as info:
+        harness.main(["--model", "bipe", "--model_args", f"pretrained={run},device=cpu"])
+    # Checked before lm_eval started, then handed over: loaded once.
+    assert info.value.code == 0 and loads == [str(run)] and len(built) == 1
+    assert harness.BipeLM(pretrained=str(run)).model is not built[0].model  # not kept twice
+    assert harness.pretrained_arg(["--model", "hf", "--model_args", "pretrained=gpt2"]) is None
+
+
+def test_the_command_with_a_missing_pretrained_is_one_line(tmp_path):
+    result = lm_harness_cli("--model", "bipe", "--model_args", f"pretrained={tmp_path / 'x'}",
+                            "--tasks", "lambada_openai", "--device", "cpu")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: pretrained={tmp_path / 'x'} does not exist"]

@@ -143,3 +143,29 @@ def test_longer_splits_have_more_segments_with_the_same_segment_lengths():
         scored = batch["targets"] != -100
         assert (scored.sum(1) == k).all()
         assert (batch["input_ids"][scored] == bn.SEP_ID).all()
+
+
+def test_sequence_sizes_are_bounded_on_the_command_line_and_in_the_config():
+    from bipe.errors import ConfigError
+
+    # 10 million segments would be built whole in memory (gigabytes): refused, naming the limit.
+    for args, needle in [(["--segments", "10000000"], f"1..{bn.MAX_SEGMENTS}"),
+                         (["--max-length", "100000"], f"<= {bn.MAX_SEGMENT_LENGTH}")]:
+        result = subprocess.run([sys.executable, "-m", "tasks.bi_nfa", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == ""
+        assert "error: " in result.stderr.splitlines()[-1] and needle in result.stderr
+    at_limit = subprocess.run(
+        [sys.executable, "-m", "tasks.bi_nfa", "--segments", str(bn.MAX_SEGMENTS), "--count", "1"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    assert len(json.loads(at_limit[1])["segments"]) == bn.MAX_SEGMENTS
+    # The task: the longest test split (max segments x the largest multiplier) is bounded too.
+    bn.BiNFAConfig(segments=[1, bn.MAX_SEGMENTS // 4], test_multipliers=[1, 4])
+    for kwargs, key, limit in [
+            ({"segments": [1, bn.MAX_SEGMENTS // 4 + 1], "test_multipliers": [4]},
+             "task.segments", bn.MAX_SEGMENTS),
+            ({"segment_length": [2, bn.MAX_SEGMENT_LENGTH + 1]}, "task.segment_length",
+             bn.MAX_SEGMENT_LENGTH)]:
+        with pytest.raises(ConfigError, match=key) as info:
+            bn.BiNFAConfig(**kwargs)
+        assert f"at most {limit}" in str(info.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import logging
 import os
 import signal
@@ -207,6 +208,54 @@ def test_a_checkpoint_with_python_objects_is_refused_without_advice_to_unpickle(
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
 
 
+def test_random_bytes_are_not_a_checkpoint_that_holds_python_objects(tmp_path):
+    import random
+    import zipfile
+
+    garbage = tmp_path / "random.ckpt"
+    garbage.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(garbage, key="ckpt_path")
+    message = str(info.value)
+    assert message.startswith(f"ckpt_path={garbage} cannot be read: it is not a checkpoint")
+    assert "Python objects" not in message and "\n" not in message
+    # A sound archive whose pickle is random bytes: damage too, not Python objects.
+    good = tmp_path / "good.ckpt"
+    save_atomic({"state_dict": {"w": torch.ones(3)}, CHECKPOINT_KEY: {"format_version": 1}}, good)
+    damaged = tmp_path / "damaged.ckpt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(damaged, "w") as out:
+        for name in src.namelist():  # valid CRCs, so only torch.load can judge the pickle
+            data = src.read(name)
+            out.writestr(name, random.Random(1).randbytes(len(data))
+                         if name.endswith("data.pkl") else data)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(damaged, key="ckpt_path")
+    assert str(info.value).startswith(f"ckpt_path={damaged} cannot be read (truncated or "
+                                      "corrupted?)")
+    assert "Python objects" not in str(info.value)
+
+
+def test_checkpoint_errors_name_the_option_that_was_typed(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.checkpoints import load_models
+    from tests.conftest import CONF
+    from training.checkpoint_io import AtomicCheckpointIO
+
+    # Lightning reads a resumed run's checkpoint through the plugin: train.py's ckpt_path=.
+    with pytest.raises(CheckpointError, match=r"^ckpt_path=.*gone\.ckpt does not exist"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "gone.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    for option in ("ckpt_path", "ckpts"):  # eval.py
+        value = f"[{bad}]" if option == "ckpts" else str(bad)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=[f"{option}={value}"])
+        with pytest.raises(CheckpointError) as info:
+            load_models(cfg, "cpu")
+        assert str(info.value).startswith(f"{option}={bad} cannot be read")
+
+
 def test_a_run_folder_with_only_an_interrupted_checkpoint_resolves_to_it(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "interrupted.ckpt").write_bytes(b"x")
@@ -258,6 +307,126 @@ def test_a_full_output_disk_is_one_error_line_and_leaves_nothing_half_written(
     assert list((run / "checkpoints").iterdir()) == []  # no partial or temporary file
 
 
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+def torch_save_on_a_full_disk(obj, f):
+    """What `torch.save` does when the disk fills: the write's OSError (which names no file)
+    turns into a RuntimeError raised while handling it."""
+    f.write(b"PK\x03\x04 half a checkpoint")
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError(TORCH_FULL)  # noqa: B904 - the implicit context is what torch leaves
+
+
+def torch_save_to_a_path_on_a_full_disk(obj, f):
+    """`torch.save` writing a path itself: its C++ stream keeps no OSError."""
+    f.write(b"PK\x03\x04 half a checkpoint")
+    raise RuntimeError(TORCH_FULL)
+
+
+def disk_with(free_bytes: int, read_only: bool = False):
+    """An `os.statvfs` that reports `free_bytes` available, for every folder."""
+    def statvfs(path):
+        return os.statvfs_result((4096, 4096, 1 << 20, free_bytes // 4096, free_bytes // 4096,
+                                  1000, 10, 10, os.ST_RDONLY if read_only else 0, 255))
+    return statvfs
+
+
+@pytest.mark.parametrize("how", ["chained", "torch_message"])
+def test_a_full_disk_torch_reports_as_a_runtime_error_is_one_error_line(
+        how, corpus, cache_dir, tmp_path, monkeypatch, capsys):
+    import models.checkpoint
+
+    if how == "chained":
+        monkeypatch.setattr(models.checkpoint.torch, "save", torch_save_on_a_full_disk)
+    else:  # no OSError to go by: the message and the disk (os.statvfs) must both say so
+        monkeypatch.setattr(models.checkpoint.torch, "save", torch_save_to_a_path_on_a_full_disk)
+        monkeypatch.setattr(models.checkpoint.os, "statvfs", disk_with(4096))
+    run = tmp_path / "run"
+    status = run_cli_job(compose_train(smoke_overrides(corpus, cache_dir), run))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    # It names the checkpoint being written (the OSError of a write names no file).
+    assert err[0].startswith(f"error: cannot use {run / 'checkpoints'}/")
+    assert "the disk is full" in err[0] and "paths.root" in err[0]
+    assert list((run / "checkpoints").iterdir()) == []  # no partial or temporary file
+
+
+class FullDisk(L.Callback):
+    """From its construction on, `torch.save` fails as on a full disk. Built by Hydra from
+    `+callbacks.disk._target_=tests.test_train_faults.FullDisk` in a `train.py` process."""
+
+    def __init__(self):
+        import models.checkpoint
+
+        models.checkpoint.torch.save = torch_save_on_a_full_disk
+
+
+@pytest.mark.slow
+def test_a_full_disk_through_the_command_line_is_one_line_and_status_2(corpus, cache_dir,
+                                                                         tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1"}
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *smoke_overrides(corpus, cache_dir),
+         "+callbacks.disk._target_=tests.test_train_faults.FullDisk", f"hydra.run.dir={run}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot use {run / 'checkpoints'}/")
+    assert "the disk is full" in errors[0]
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_a_runtime_error_of_torch_save_is_a_full_disk_only_when_the_disk_is_full(
+        tmp_path, monkeypatch):
+    import models.checkpoint
+
+    path = tmp_path / "last.ckpt"
+    monkeypatch.setattr(models.checkpoint.torch, "save", torch_save_to_a_path_on_a_full_disk)
+    monkeypatch.setattr(models.checkpoint.os, "statvfs", disk_with(50 << 30))  # 50 GiB free
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # as it came: not a full disk
+        save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(models.checkpoint.os, "statvfs", disk_with(50 << 30, read_only=True))
+    with pytest.raises(OSError) as info:
+        save_atomic({"w": torch.zeros(3)}, path)
+    assert info.value.errno == errno.EROFS and info.value.filename == str(path)
+
+    def bug(obj, f):
+        raise RuntimeError("a bug in the code")
+
+    monkeypatch.setattr(models.checkpoint.torch, "save", bug)
+    monkeypatch.setattr(models.checkpoint.os, "statvfs", disk_with(0))
+    with pytest.raises(RuntimeError, match="a bug in the code"):  # a full disk, yet not why
+        save_atomic({"w": torch.zeros(3)}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_when_saving_after_an_error_leaves_the_error_to_report(caplog):
+    from training.interrupted import InterruptedCheckpoint
+
+    callback = InterruptedCheckpoint("/nowhere")
+    trainer = type("Trainer", (), {"global_step": 5})()
+    crash = ValueError("the run's own error")
+
+    def full(trainer):
+        torch_save_on_a_full_disk(None, io.BytesIO())
+
+    callback.save = full
+    callback.on_exception(trainer, None, crash)  # a warning, not a second error
+    assert "could not save" in caplog.text and "No space left" in caplog.text
+
+    def bug(trainer):
+        raise RuntimeError("a bug while saving")
+
+    callback.save = bug
+    with pytest.raises(RuntimeError, match="a bug while saving"):
+        callback.on_exception(trainer, None, crash)
+
+
 def test_a_read_only_cache_is_one_error_line(corpus, tmp_path, monkeypatch, capsys):
     import data.packing
 
@@ -280,6 +449,21 @@ def test_an_error_from_the_code_keeps_its_traceback(monkeypatch):
     assert environment_error(FileNotFoundError(errno.ENOENT, "x", "f")) is None
     assert environment_error(ValueError("x")) is None
     assert "read-only" in environment_error(OSError(errno.EROFS, "x", "/f"))
+    # Behind another error: found through __cause__ and __context__, the named one preferred.
+    hidden = RuntimeError("unexpected pos")
+    hidden.__context__ = OSError(errno.ENOSPC, "full")
+    outer = OSError(errno.ENOSPC, "full")  # the flush on close: no file either
+    outer.__context__ = RuntimeError("x")
+    outer.__context__.__cause__ = OSError(errno.ENOSPC, "full", "/disk/last.ckpt")
+    assert environment_error(hidden).startswith("cannot use a file: the disk is full")
+    assert environment_error(outer).startswith("cannot use /disk/last.ckpt: the disk is full")
+    bug = RuntimeError("a bug")
+    bug.__context__ = FileNotFoundError(errno.ENOENT, "x", "f")
+    assert environment_error(bug) is None
+    loop = RuntimeError("a")
+    loop.__context__ = ValueError("b")
+    loop.__context__.__context__ = loop  # a cycle ends the walk
+    assert environment_error(loop) is None
 
 
 def test_a_too_large_block_size_is_reported_before_any_validation(corpus, cache_dir, tmp_path):

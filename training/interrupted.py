@@ -196,7 +196,7 @@ class InterruptedCheckpoint(L.Callback):
         except Exception as exc:
             # e.g. the full disk that stopped the run, which torch.save may report as a
             # RuntimeError over the OSError: let the run's own error be the one reported
-            fault = environment_cause(exc)
+            fault = exc if isinstance(exc, OSError) else environment_cause(exc)
             if fault is None:
                 raise
             log.warning("training stopped at step %d (%s); could not save %s either: %s",

@@ -40,3 +40,20 @@ def test_multirun_gives_each_job_its_own_folder_and_wandb_run(corpus, cache_dir,
         runs.append(run)
     assert runs[0]["id"] != runs[1]["id"]
     assert runs[0]["group"] == runs[1]["group"] == "_".join(sweep.parts[-2:])
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_job_runs_the_others_and_exits_2(corpus, cache_dir, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    # hidden 30 / 2 heads: an odd head size, which RoPE cannot rotate (a config error)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "model.hidden_size=30,32",
+         "experiment=smoke", "data=text_files", f"data.glob={corpus}",
+         f"paths.cache_dir={cache_dir}", "pe=rope", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a job of the sweep failed" in errors[0]
+    assert "model.hidden_size" in errors[0] and "Traceback" not in result.stderr
+    assert (sweep / "1_data=text_files,model.hidden_size=32,pe=rope" / "metrics.json").is_file()

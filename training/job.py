@@ -148,12 +148,20 @@ def hydra_error_line(exc: BaseException) -> str:
 
 def cli(main: Callable[[], object]) -> None:
     """Run a `@hydra.main` function; an error while composing the config (an unknown option, a
-    misspelled or mistyped key, a malformed override) prints one `error:` line and exits 2."""
+    misspelled or mistyped key, a malformed override) prints one `error:` line and exits 2.
+
+    A multirun runs every job, then exits 0 if all succeeded, 2 with one `error:` line if a job
+    ended with a one-line error (the first such job's; each job's `train.log` has its own), and
+    1 with the traceback if a job hit a bug."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them
     try:
         main()
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except BipeError as exc:  # only a multirun gets here: Hydra re-raises a failed job's error
+        print(f"error: a job of the sweep failed: {first_line(exc)} (the other jobs ran; each "
+              "job's train.log says how it ended)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except Exception as exc:  # Hydra creating the run folder on a full or read-only disk
         message = environment_error(exc)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bipe.errors import CheckpointError, ConfigError
-from evaluation.sweeps import Cell, read_overrides, varying_keys
+from evaluation.sweeps import Cell, read_overrides, varying_keys, warn_unfinished
 from models import Transformer
 from models.checkpoint import resolve_checkpoint_path, with_scaling
 from models.pretrained import TOKENIZER_FILE, is_saved_folder
@@ -52,8 +52,9 @@ class LoadedModel:
 
 def find_checkpoints(cfg: DictConfig) -> list[tuple[str, Path]]:
     """`(option, path)` of `ckpt_path` (or `ckpt`), `ckpts`, and every run folder's checkpoint
-    under `sweep_dir` (its newest of last.ckpt and interrupted.ckpt); the option names the path
-    in an error when it cannot be loaded."""
+    under `sweep_dir` that finished (its newest of last.ckpt and interrupted.ckpt; unfinished
+    jobs are named on stderr and left out); the option names the path in an error when it
+    cannot be loaded."""
     one = cfg.get("ckpt_path") or cfg.get("ckpt")
     key = "ckpt_path" if cfg.get("ckpt_path") else "ckpt"
     named = [(key, p) for p in ([one] if one else [])] + [("ckpts", p) for p in cfg.ckpts or []]
@@ -63,8 +64,11 @@ def find_checkpoints(cfg: DictConfig) -> list[tuple[str, Path]]:
         sweep = Path(cfg.sweep_dir)
         if not sweep.is_dir():
             raise ConfigError(f"sweep_dir={sweep} is not a folder")
+        # A job that did not finish (no metrics.json) is named and left out: its checkpoint,
+        # if any, holds a half-trained model that would pass for the finished ones.
+        unfinished = set(warn_unfinished(sweep, "metrics.json"))
         runs = sorted({p.parent.parent for pattern in ("last.ckpt", "interrupted.ckpt")
-                       for p in sweep.glob(f"**/checkpoints/{pattern}")})
+                       for p in sweep.glob(f"**/checkpoints/{pattern}")} - unfinished)
         if not runs:
             raise ConfigError(f"sweep_dir={sweep} holds no */checkpoints/last.ckpt; train first "
                               "or pass ckpt_path=PATH")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import CONF
 
@@ -216,3 +216,18 @@ def test_checkpoints_of_one_sweep_cell_share_a_group_and_others_do_not(tmp_path)
     # Same label and seed twice (e.g. a base model and its fine-tune): separate groups.
     twice = group_labels(paths[:1] * 2, metas[:1] * 2, ["rope", "rope"])
     assert twice[0] == ("rope", "rope") and twice[1][0] == twice[1][1] != "rope"
+
+
+def test_a_sweep_job_that_did_not_finish_is_named_and_not_evaluated(tmp_path, capsys):
+    from evaluation.checkpoints import find_checkpoints
+
+    for name, finished in (("0_pe=rope", True), ("1_pe=alibi", False)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / "checkpoints").mkdir()
+        (job / "checkpoints" / "last.ckpt").write_bytes(b"")  # not read: only found
+        if finished:
+            (job / "metrics.json").write_text("{}")
+    found = find_checkpoints(OmegaConf.create({"sweep_dir": str(tmp_path), "ckpts": None}))
+    assert found == [("sweep_dir", tmp_path / "0_pe=rope" / "checkpoints" / "last.ckpt")]
+    assert f"unfinished: {tmp_path / '1_pe=alibi'} has no metrics.json" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from bipe.relative import LinearBias
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -31,16 +33,9 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class ALiBi(nn.Module):
-    """The relative part `alibi`: adds `-slope_h * (p_i - p_j)` to the attention logits."""
-
-    uses_bias = True
+class ALiBi(LinearBias):
+    """The relative part `alibi`: adds `-slope_h * (p_i - p_j)` to the attention logits, with the
+    standard slopes times `slope_multiplier`."""
 
     def __init__(self, head_dim: int, n_heads: int, slope_multiplier: float = 1.0, **_: Any):
-        super().__init__()
-        self.register_buffer("slopes", alibi_slopes(n_heads) * slope_multiplier, persistent=False)
-
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """Positions `[B or 1, Tq]`, `[B or 1, Tk]` -> float32 bias `[B or 1, H, Tq, Tk]`."""
-        dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).unsqueeze(1).float()  # (B, 1, Tq, Tk)
-        return -self.slopes.view(1, -1, 1, 1) * dist
+        super().__init__(alibi_slopes(n_heads) * slope_multiplier)

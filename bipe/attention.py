@@ -1,27 +1,33 @@
 """What one forward pass's attention layers share, and the attention kernels that read it.
 
-Kernels (DESIGN.md, "Attention kernels"), chosen once per forward pass:
+The relative part acts through `bipe.relative`'s contract only (a `Rotation` of queries and keys,
+or a bias given as a tensor and as a flex `score_mod`); no part is named here. The kernel is
+chosen once per forward pass, by `choose_kernel`, from the options (`AttentionOptions`), the kind
+of part, the device, whether a gradient is needed, the number of queries and of cached tokens
+(DESIGN.md, "Attention kernels"; torchtitan's `build_attention`), and logged once per kind
+(`bipe.attention` logger, INFO):
 
-* no additive bias (RoPE, BiPE-RoPE, NoPE, absolute encodings): one
+* `CausalSDPA`, no bias (rotary parts, NoPE, absolute encodings): one
   `scaled_dot_product_attention(is_causal=True)` over the whole sequence, whatever its length:
-  PyTorch's fused kernels tile it, so memory grows linearly;
-* an additive bias (ALiBi, BiPE-ALiBi): `flex_attention`, compiled, with the bias as a
-  `score_mod` over token or segment positions and the causal (or Lambda) mask as block sparsity,
-  so no `[H, T, T]` tensor exists; where flex cannot run (a backward on the CPU, or a sequence
-  too short for its compilation to pay, see `AttentionOptions.kernel`), SDPA with a 4-D float
-  bias, queries in chunks of `chunk_size` so memory stays linear;
-* LM-Infinite (`options.lm_infinite`): the Lambda mask and the distance cap; flex for bias and
-  no-relative encodings, the block-wise `lm_infinite.lambda_attention` for RoPE (the capped
-  rotation is not a function of the score); a KV cache keeps the window in a ring buffer with
-  its keys rotated once (`attend_lambda`).
-
-The kernel in use is logged once per kind (`bipe.attention` logger, INFO).
+  PyTorch's fused kernels tile it, so memory grows linearly; a bool mask after cached tokens;
+* `BiasFlex`, a bias part, long inputs: `flex_attention`, compiled, with the part's `score_mod`
+  over token or segment positions and the causal mask as block sparsity, so no `[H, T, T]`
+  tensor exists;
+* `BiasSDPA`, a bias part otherwise (a backward on the CPU, or a sequence too short for flex's
+  compilation to pay): SDPA with the part's 4-D float bias, queries in chunks of `chunk_size`
+  so memory stays linear;
+* LM-Infinite (`options.lm_infinite`): the Lambda mask and the distance cap; `LambdaFlex` for
+  bias parts and no relative part where flex is chosen, `LambdaBlockwise`
+  (`lm_infinite.lambda_attention`) otherwise and always for rotary parts (the capped rotation
+  is not a function of the score); after cached tokens `LambdaWindow`, over a KV cache's ring
+  buffer with its keys rotated once.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bipe.lm_infinite import lambda_attention, lambda_block, rotate
+from bipe.lm_infinite import lambda_attention, lambda_block
+from bipe.relative import BiasPart, RelativePart, RotaryPart, Rotation
 
 log = logging.getLogger(__name__)
 KERNELS = ("auto", "sdpa", "flex")
@@ -55,9 +62,9 @@ class AttentionOptions:
     once the input is longer, so no `T x T` bias is held for all heads at once. `lm_infinite`:
     switch to Lambda attention (None = off). `kernel` for additive biases and Lambda masks:
     `sdpa`; `flex` (compiled `flex_attention`: forward everywhere, backward on GPUs); `auto`
-    (default): flex where it has what the call needs (no gradient on the CPU) and the queries
-    number at least `flex_min_length`, below which compiling it (about 20 s per shape on a
-    CPU) does not pay; SDPA otherwise.
+    (default): flex where it runs (not for a gradient on the CPU) and the queries number at
+    least `flex_min_length`, below which compiling it (about 20 s per shape on a CPU) does not
+    pay; SDPA otherwise. `choose_kernel` applies these rules.
     """
 
     chunk_size: int | None = 1024
@@ -83,11 +90,6 @@ def compiled_flex() -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention  # lazy: only when flex runs
 
     return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_available(q: Tensor) -> bool:
-    """Whether this call can run flex: a forward without gradient, or any call on a GPU."""
-    return q.device.type == "cuda" or not (torch.is_grad_enabled() and q.requires_grad)
 
 
 def block_mask(q_len: int, kv_len: int, past: int, *, n_global: int | None = None,
@@ -133,30 +135,217 @@ def block_mask(q_len: int, kv_len: int, past: int, *, n_global: int | None = Non
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
 
 
-def alibi_score_mod(slopes: Tensor, q_pos: Tensor, k_pos: Tensor,
-                    cap: int | None = None) -> Callable[..., Tensor]:
-    """flex `score_mod` adding `-slope_h * min(p_i - p_j, cap)` (ALiBi over token or segment
-    positions; `q_pos` `[B or 1, Tq]`, `k_pos` `[B or 1, Tk]`)."""
-    qb, kb = q_pos.shape[0] > 1, k_pos.shape[0] > 1
-    slopes = slopes.float()
+def _rows(pos: Tensor, batch: int) -> Tensor:
+    """Positions `[B or 1, T]` as `[B, T]`: one score_mod graph for token and segment positions
+    (flex compiles once per shape, not once per kind of index)."""
+    return pos.expand(batch, -1).contiguous()
 
-    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        d = q_pos[b if qb else 0, qi] - k_pos[b if kb else 0, ki]
-        if cap is not None:
-            d = torch.clamp(d, max=cap)
-        return score - slopes[h] * d.to(score.dtype)
 
-    return score_mod
+def _use_flex(options: AttentionOptions, device: torch.device, needs_grad: bool,
+              length: int) -> bool:
+    """Whether a bias or a Lambda mask runs on flex (`AttentionOptions.kernel`)."""
+    if options.kernel == "sdpa":
+        return False
+    # flex_attention compiles a forward on every device but a backward only on GPUs (torch
+    # 2.13): a gradient on the CPU is the one case where training and evaluation of the same
+    # length get different kernels.
+    runs = device.type == "cuda" or not needs_grad
+    if options.kernel == "flex":
+        if not runs:
+            raise RuntimeError("attention kernel flex has no backward on the CPU; use "
+                               "kernel=sdpa (or auto) for training there")
+        return True
+    return runs and length >= options.flex_min_length
+
+
+def choose_kernel(options: AttentionOptions, part: RelativePart | None, *,
+                  device: torch.device, needs_grad: bool, length: int,
+                  past: int = 0) -> Kernel:
+    """The attention kernel of a forward pass of `length` queries after `past` cached tokens,
+    with relative part `part` (None: none), on `device`, `needs_grad` when a backward follows:
+    the one place a kernel is chosen (module docstring), logged once per kind."""
+    if part is not None and not isinstance(part, (RotaryPart, BiasPart)):
+        raise TypeError(f"relative part {type(part).__name__} is neither a RotaryPart nor a "
+                        "BiasPart (bipe.relative)")
+    bias = isinstance(part, BiasPart)
+    lm = options.lm_infinite
+    kernel: Kernel
+    if lm is not None and past > 0:
+        kernel = LambdaWindow()  # decoding: the new queries over the cache's ring buffer
+    elif lm is None and not bias:
+        kernel = CausalSDPA()
+    elif lm is not None and isinstance(part, RotaryPart):
+        kernel = LambdaBlockwise()  # the capped rotation is not a function of the score
+    elif _use_flex(options, device, needs_grad, length):
+        # A call with attention dropout (training) runs BiasSDPA instead: flex has no dropout.
+        what = "no relative part" if part is None else f"{type(part).__name__} as score_mod"
+        kernel = (LambdaFlex(f"flex (compiled), LM-Infinite Lambda mask, {what}") if lm
+                  else BiasFlex(f"flex (compiled), {what}", options.chunk_size))
+    elif lm is not None:
+        kernel = LambdaBlockwise()
+    else:
+        kernel = BiasSDPA.of(options.chunk_size, length)
+    _log_kernel(kernel.name)
+    return kernel
+
+
+class Kernel(ABC):
+    """An attention kernel: `attend` reads the forward pass's `AttentionContext`."""
+
+    name: str
+
+    @abstractmethod
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        """`q` `[B, H, Tq, D]` over `k`, `v` `[B, H, Tk, D]` -> `[B, H, Tq, D]`; rotated
+        already except under LM-Infinite (which rotates per pair); `cache`, `layer`: a
+        windowed KV cache (LM-Infinite only)."""
+
+
+@dataclass(frozen=True)
+class CausalSDPA(Kernel):
+    name: str = "sdpa causal"
+
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        if ctx.past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1,
+                                                  dropout_p=dropout_p)
+        mask = ctx._once(("mask", q.dtype), lambda: ctx._mask(0, q.shape[2], q.dtype, q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@dataclass(frozen=True)
+class BiasSDPA(Kernel):
+    name: str
+    chunk_size: int | None
+
+    @classmethod
+    def of(cls, chunk_size: int | None, length: int) -> BiasSDPA:
+        if chunk_size is None or length <= chunk_size:
+            return cls("sdpa with a 4-D bias", chunk_size)
+        return cls(f"sdpa with a 4-D bias, queries in chunks of {chunk_size}", chunk_size)
+
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        Tq, c = q.shape[2], self.chunk_size
+        if c is None or Tq <= c:
+            mask = ctx._once(("mask", q.dtype), lambda: ctx._mask(0, Tq, q.dtype, q.device))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = []
+        for s in range(0, Tq, c):
+            e = min(s + c, Tq)
+            end = ctx.past + e  # later keys are masked for every query in the chunk
+            out.append(F.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, :end], v[:, :, :end],
+                attn_mask=ctx._mask(s, e, q.dtype, q.device), dropout_p=dropout_p))
+        return torch.cat(out, dim=2)
+
+
+@dataclass(frozen=True)
+class BiasFlex(Kernel):
+    name: str
+    chunk_size: int | None
+
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        if dropout_p > 0.0:  # flex_attention has no attention dropout: SDPA does those calls
+            fallback = BiasSDPA.of(self.chunk_size, q.shape[2])
+            _log_kernel(f"{fallback.name} (attention dropout)")
+            return fallback.attend(ctx, q, k, v, dropout_p=dropout_p)
+        B = q.shape[0]
+        bm = ctx._once("block_mask", lambda: block_mask(q.shape[2], k.shape[2], ctx.past,
+                                                        device=q.device))
+        score_mod = ctx._once("score_mod", lambda: ctx.bias.score_mod(
+            _rows(ctx.q_pos, B), _rows(ctx.k_pos, B)))
+        return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm)
+
+
+class LambdaFull(Kernel):
+    """LM-Infinite over a whole sequence; with a windowed cache, its kept keys are stored."""
+
+    @abstractmethod
+    def full(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Lambda attention of unrotated `q`, `k`, `v` from the first token."""
+
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        y = self.full(ctx, q, k, v)
+        if cache is not None:
+            cache.write_window(layer, k, v, ctx._rotated_keys(k))
+        return y
+
+
+@dataclass(frozen=True)
+class LambdaFlex(LambdaFull):
+    """Flex with the Lambda block mask and the bias part's capped score_mod (the cap is a clamp
+    of the distance)."""
+
+    name: str
+
+    def full(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        lm = ctx.lm_infinite
+        bm = ctx._once("lambda_mask", lambda: block_mask(
+            q.shape[2], k.shape[2], 0, n_global=lm.n_global, n_local=lm.n_local,
+            device=q.device))
+        score_mod = None
+        if ctx.bias is not None:
+            pos = _rows(ctx._positions(q), q.shape[0])
+            score_mod = ctx._once("lambda_score_mod", lambda: ctx.bias.score_mod(
+                pos, pos, lm.distance_cap))
+        return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm)
+
+
+@dataclass(frozen=True)
+class LambdaBlockwise(LambdaFull):
+    """The block-wise `lambda_attention`, `O(T * (n_global + n_local))`."""
+
+    name: str = "LM-Infinite block-wise attention"
+
+    def full(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        lm = ctx.lm_infinite
+        return lambda_attention(q, k, v, n_global=lm.n_global, n_local=lm.n_local,
+                                positions=ctx._positions(q), rotation=ctx.rotation,
+                                bias=ctx.bias, distance_cap=lm.distance_cap)
+
+
+@dataclass(frozen=True)
+class LambdaWindow(Kernel):
+    """LM-Infinite after cached tokens: the new queries over the kept keys and their own, then
+    the new keys are written into the cache's ring buffer."""
+
+    name: str = "LM-Infinite over the KV cache's ring buffer"
+
+    def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
+               dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
+        if cache is None:
+            raise ValueError(f"LM-Infinite after {ctx.past} cached tokens needs their cache "
+                             "(models.KVCache.for_model)")
+        lm = ctx.lm_infinite
+        k_rot = ctx._rotated_keys(k)
+        Tq = q.shape[2]
+        q_tok = torch.arange(ctx.past, ctx.past + Tq, device=q.device)
+        if Tq == 1:  # the slot it overwrites is outside this query's window: write first
+            cache.write_window(layer, k, v, k_rot)
+            keys, rots, values, k_tok, k_pos = cache.window_keys(layer)
+        else:  # a chunk: earlier queries of it still see the keys its later tokens overwrite
+            keys, rots, values, k_tok, k_pos = cache.window_keys(layer, extra=(k, k_rot, v))
+            cache.write_window(layer, k, v, k_rot)
+        return lambda_block(q, keys, values, q_tok=q_tok, k_tok=k_tok,
+                            q_pos=ctx._positions(q), k_pos=k_pos, k_rot=rots,
+                            n_global=lm.n_global, n_local=lm.n_local, rotation=ctx.rotation,
+                            bias=ctx.bias, distance_cap=lm.distance_cap)
 
 
 @dataclass
 class AttentionContext:
     """Built once per forward pass, shared by all layers.
 
-    cos, sin: `[B or 1, 1, Tq, D]` rotate the new queries and keys (RoPE), else None.
-    q_pos, k_pos: relative index of the new queries `[B or 1, Tq]` and of all keys `[.., Tk]`.
-    bias_fn: `(q_pos, k_pos) -> [B or 1, H, Tq, Tk]` float32 additive bias (ALiBi), else None.
-    past: cached tokens before the queries. inv_freq/rope_scale/slopes: for Lambda attention.
+    cos, sin: `[B or 1, 1, Tq, D]` rotate the new queries and keys (a rotary part, without
+    LM-Infinite, which rotates per pair), else None. q_pos, k_pos: relative index of the new
+    queries `[B or 1, Tq]` and of all keys `[.., Tk]`. past: cached tokens before the queries.
+    part: the relative part (`bipe.relative`), None without one; from it come `rotation` (a
+    rotary part's, for this pass) or `bias` (a bias part), and `kernel`, chosen here once.
     """
 
     past: int
@@ -165,12 +354,25 @@ class AttentionContext:
     sin: Tensor | None = None
     q_pos: Tensor | None = None
     k_pos: Tensor | None = None
-    bias_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     options: AttentionOptions = field(default_factory=AttentionOptions)
-    inv_freq: Tensor | None = None
-    rope_scale: float = 1.0
-    slopes: Tensor | None = None
+    part: RelativePart | None = None
+    rotation: Rotation | None = field(default=None, init=False)
+    bias: BiasPart | None = field(default=None, init=False)
+    kernel: Kernel = field(init=False)
     _shared: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        part = self.part
+        if isinstance(part, BiasPart):
+            self.bias = part
+        elif isinstance(part, RotaryPart):
+            self.rotation = part.rotation(self.q_pos if self.k_pos is None else self.k_pos)
+            if self.lm_infinite is None and self.cos is None:
+                self.cos, self.sin = self.rotation.cos_sin(self.q_pos)
+        pos = self.q_pos if self.q_pos is not None else self.k_pos
+        self.kernel = choose_kernel(
+            self.options, part, device=torch.device("cpu") if pos is None else pos.device,
+            needs_grad=torch.is_grad_enabled(), length=self.length, past=self.past)
 
     @property
     def lm_infinite(self) -> LMInfinite | None:
@@ -186,19 +388,6 @@ class AttentionContext:
         """cos, sin in the query dtype, cast once per forward pass rather than once per layer."""
         return self._once(("rot", dtype), lambda: (self.cos.to(dtype), self.sin.to(dtype)))
 
-    def use_flex(self, q: Tensor) -> bool:
-        """The kernel choice for masks and biases (AttentionOptions.kernel)."""
-        kernel = self.options.kernel
-        if kernel == "sdpa":
-            return False
-        ok = flex_available(q)
-        if kernel == "flex":
-            if not ok:
-                raise RuntimeError("attention kernel flex has no backward on the CPU; use "
-                                   "kernel=sdpa (or auto) for training there")
-            return True
-        return ok and q.shape[2] >= self.options.flex_min_length
-
     def _mask(self, s: int, e: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """SDPA mask for query rows `[s, e)` over keys `[0, past + e)`: the bias with the causal
         mask folded in as -inf, or a bool mask (True = attend), or None when none is needed."""
@@ -206,93 +395,29 @@ class AttentionContext:
         causal = None
         if rows > 1:
             causal = torch.ones(rows, first + rows, dtype=torch.bool, device=device).tril(first)
-        if self.bias_fn is None:
+        if self.bias is None:
             return causal
-        bias = self.bias_fn(self.q_pos[..., s:e], self.k_pos[..., : first + rows])
+        bias = self.bias.bias(self.q_pos[..., s:e], self.k_pos[..., : first + rows])
         if causal is not None:
             bias = bias.masked_fill(~causal, float("-inf"))
         return bias.to(dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-        """Causal attention of rotated `q` `[B, H, Tq, D]` over keys `k`, `v` `[B, H, Tk, D]`."""
-        Tq = q.shape[2]
-        if self.bias_fn is None:
-            if self.past == 0:
-                _log_kernel("sdpa causal")
-                return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1,
-                                                      dropout_p=dropout_p)
-            mask = self._once(("mask", q.dtype), lambda: self._mask(0, Tq, q.dtype, q.device))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        if dropout_p == 0.0 and self.use_flex(q):
-            _log_kernel("flex (compiled), ALiBi as score_mod")
-            bm = self._once("block_mask", lambda: block_mask(Tq, k.shape[2], self.past,
-                                                             device=q.device))
-            score_mod = self._once("score_mod", lambda: alibi_score_mod(
-                self.slopes, self.q_pos, self.k_pos))
-            return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm)
-        c = self.options.chunk_size
-        if c is None or Tq <= c:
-            _log_kernel("sdpa with a 4-D bias")
-            mask = self._once(("mask", q.dtype), lambda: self._mask(0, Tq, q.dtype, q.device))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        _log_kernel(f"sdpa with a 4-D bias, queries in chunks of {c}")
-        out = []
-        for s in range(0, Tq, c):
-            e = min(s + c, Tq)
-            end = self.past + e  # later keys are masked for every query in the chunk
-            out.append(F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, :end], v[:, :, :end],
-                attn_mask=self._mask(s, e, q.dtype, q.device), dropout_p=dropout_p))
-        return torch.cat(out, dim=2)
+        """Causal attention of `q` `[B, H, Tq, D]` over keys `k`, `v` `[B, H, Tk, D]`, rotated by
+        `cos`, `sin` when those are set; the kernel chosen for this pass (`self.kernel`)."""
+        return self.kernel.attend(self, q, k, v, dropout_p=dropout_p)
 
     def attend_lambda(self, q: Tensor, k: Tensor, v: Tensor, cache: Any = None,
                       layer: int = 0) -> Tensor:
         """LM-Infinite attention of unrotated `q`, `k`, `v`; with a cache (a windowed one), the
         kept keys and the new ones, then the new ones are written into its ring buffer."""
-        lm = self.lm_infinite
-        kw = dict(n_global=lm.n_global, n_local=lm.n_local, inv_freq=self.inv_freq,
-                  alibi_slopes=self.slopes, distance_cap=lm.distance_cap,
-                  rope_scale=self.rope_scale)
-        if cache is None or self.past == 0:
-            y = self._lambda_full(q, k, v, kw)
-            if cache is not None:
-                cache.write_window(layer, k, v, self._rotated_keys(k))
-            return y
-        k_rot = self._rotated_keys(k)
-        Tq = q.shape[2]
-        q_tok = torch.arange(self.past, self.past + Tq, device=q.device)
-        if Tq == 1:  # the slot it overwrites is outside this query's window: write first
-            cache.write_window(layer, k, v, k_rot)
-            keys, rots, values, k_tok, k_pos = cache.window_keys(layer)
-        else:  # a chunk: earlier queries of it still see the keys its later tokens overwrite
-            keys, rots, values, k_tok, k_pos = cache.window_keys(layer, extra=(k, k_rot, v))
-            cache.write_window(layer, k, v, k_rot)
-        return lambda_block(q, keys, values, q_tok=q_tok, k_tok=k_tok, q_pos=self._positions(q),
-                            k_pos=k_pos, k_rot=rots, **kw)
+        return self.kernel.attend(self, q, k, v, cache=cache, layer=layer)
 
     def _rotated_keys(self, k: Tensor) -> Tensor | None:
         """Keys rotated by their own positions (cached once, LM-Infinite decoding)."""
-        if self.inv_freq is None:
+        if self.rotation is None:
             return None
-        return rotate(k, self._positions(k), self.inv_freq, self.rope_scale)
-
-    def _lambda_full(self, q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any]) -> Tensor:
-        """Lambda attention over a whole sequence: flex for bias and no-relative encodings (the
-        cap is a clamp of the distance), the block-wise reference for RoPE."""
-        lm = self.lm_infinite
-        if self.inv_freq is None and self.use_flex(q):
-            _log_kernel("flex (compiled), LM-Infinite Lambda mask")
-            Tq = q.shape[2]
-            bm = self._once("lambda_mask", lambda: block_mask(
-                Tq, k.shape[2], 0, n_global=lm.n_global, n_local=lm.n_local, device=q.device))
-            score_mod = None
-            if self.slopes is not None:
-                pos = self._positions(q)
-                score_mod = self._once("lambda_score_mod", lambda: alibi_score_mod(
-                    self.slopes, pos, pos, lm.distance_cap))
-            return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm)
-        _log_kernel("LM-Infinite block-wise attention")
-        return lambda_attention(q, k, v, positions=self._positions(q), **kw)
+        return self.rotation.rotate(k, self._positions(k))
 
     def _positions(self, q: Tensor) -> Tensor:
         if self.q_pos is not None:

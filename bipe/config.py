@@ -21,8 +21,10 @@ from typing import Any
 
 from bipe.errors import ConfigError
 
-ABSOLUTE_TYPES = ("none", "learned", "sinusoidal")
-RELATIVE_TYPES = ("none", "rope", "alibi")
+# Part names a config may give. `bipe.encoding`'s part registries keep these lists in step (a
+# part registered there is a valid name here at once), so names are checked without torch.
+ABSOLUTE_TYPES = ["none", "learned", "sinusoidal"]
+RELATIVE_TYPES = ["none", "rope", "alibi"]
 ABSOLUTE_INDICES = ("token", "intra")
 RELATIVE_INDICES = ("token", "inter")
 

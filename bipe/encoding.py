@@ -7,7 +7,10 @@ relative: `none` | `rope` | `alibi`, over the `token` or `inter` index, acting i
 
 RoPE, ALiBi, BiPE-RoPE and BiPE-ALiBi are four named configurations of this one class (NoPE and
 the absolute-only baselines come for free). A new scheme is a new entry in `ABSOLUTE_PARTS` or
-`RELATIVE_PARTS` (and its name in `bipe.config`); the model only talks to `PositionalEncoding`.
+`RELATIVE_PARTS` (which makes its name a valid `pe.absolute.type` / `pe.relative.type`); a
+relative part implements `bipe.relative`'s contract (a rotation, or a bias as a tensor and as a
+flex score_mod), and neither the model nor the attention kernels are edited. The model only talks
+to `PositionalEncoding`.
 The configuration (`PEConfig`) lives in `bipe.config`, without torch.
 """
 
@@ -22,16 +25,52 @@ from torch import Tensor, nn
 from bipe.absolute import LearnedAbsolute, SinusoidalAbsolute
 from bipe.alibi import ALiBi
 from bipe.attention import AttentionContext, AttentionOptions
-from bipe.config import NAMED_ENCODINGS, AbsoluteConfig, PEConfig, RelativeConfig
+from bipe.config import (
+    ABSOLUTE_TYPES,
+    NAMED_ENCODINGS,
+    RELATIVE_TYPES,
+    AbsoluteConfig,
+    PEConfig,
+    RelativeConfig,
+)
 from bipe.positions import bilevel_ids
+from bipe.relative import RelativePart
 from bipe.rope import Rotary
 
 __all__ = ["ABSOLUTE_PARTS", "NAMED_ENCODINGS", "RELATIVE_PARTS", "AbsoluteConfig", "PEConfig",
-           "PositionalEncoding", "Positions", "RelativeConfig"]
+           "PartRegistry", "PositionalEncoding", "Positions", "RelativeConfig"]
 
-ABSOLUTE_PARTS: dict[str, type[nn.Module]] = {"learned": LearnedAbsolute,
-                                              "sinusoidal": SinusoidalAbsolute}
-RELATIVE_PARTS: dict[str, type[nn.Module]] = {"rope": Rotary, "alibi": ALiBi}
+
+class PartRegistry(dict):
+    """Part name -> class. Registering a part (`RELATIVE_PARTS["name"] = cls`) also makes its
+    name a valid config value (`bipe.config`'s list for the kind, checked there without torch);
+    a relative part must implement `bipe.relative`'s contract."""
+
+    def __init__(self, names: list[str], parts: dict[str, type[nn.Module]],
+                 base: type | None = None):
+        super().__init__()
+        self.names, self.base = names, base
+        for name, part in parts.items():
+            self[name] = part
+
+    def __setitem__(self, name: str, part: type[nn.Module]) -> None:
+        if self.base is not None and not (isinstance(part, type) and issubclass(part, self.base)):
+            raise TypeError(f"part {name!r}: {part!r} does not implement "
+                            f"{self.base.__module__}.{self.base.__name__}")
+        super().__setitem__(name, part)
+        if name not in self.names:
+            self.names.append(name)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        if name in self.names:
+            self.names.remove(name)
+
+
+ABSOLUTE_PARTS = PartRegistry(ABSOLUTE_TYPES, {"learned": LearnedAbsolute,
+                                               "sinusoidal": SinusoidalAbsolute})
+# A relative part is a `RotaryPart` or a `BiasPart`; attention reads it only through them.
+RELATIVE_PARTS = PartRegistry(RELATIVE_TYPES, {"rope": Rotary, "alibi": ALiBi}, RelativePart)
 
 
 class Positions(NamedTuple):
@@ -93,17 +132,8 @@ class PositionalEncoding(nn.Module):
         """Attention inputs for `length` queries after `past` cached keys.
 
         `q_pos`: relative positions of the new tokens `[B or 1, Tq]`; `k_pos`: of all keys
-        `[B or 1, Tk]` (read by bias-type parts and by LM-Infinite).
+        `[B or 1, Tk]` (read by bias-type parts and by LM-Infinite). The context asks the
+        relative part for what attention needs (`bipe.relative`) and chooses the kernel.
         """
-        ctx = AttentionContext(past=past, length=length, q_pos=q_pos, k_pos=k_pos,
-                               options=options or AttentionOptions())
-        rel = self.relative
-        if rel is None:
-            return ctx
-        if rel.uses_bias:
-            ctx.bias_fn, ctx.slopes = rel.bias, rel.slopes
-        else:
-            ctx.inv_freq, ctx.rope_scale = rel.frequencies(k_pos)
-            if ctx.lm_infinite is None:  # Lambda attention rotates per pair instead
-                ctx.cos, ctx.sin = rel.cos_sin(q_pos)
-        return ctx
+        return AttentionContext(past=past, length=length, q_pos=q_pos, k_pos=k_pos,
+                                options=options or AttentionOptions(), part=self.relative)

@@ -13,10 +13,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bipe.config import normalize_scaling
 from bipe.errors import ConfigError
+from bipe.relative import FrequencyRotation, RotaryPart
+from bipe.relative import apply_rotary as apply_rotary  # re-exported: the public layout helpers
+from bipe.relative import rotate_half as rotate_half
 
 
 def _base_inv_freq(head_dim: int, base: float) -> Tensor:
@@ -99,20 +102,8 @@ def rope_frequencies(head_dim: int, base: float = 10000.0,
     return inv_freq.float(), scale
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` `[B, H, T, D]` by `cos`, `sin` `[B or 1, 1, T, D]` (half-split layout)."""
-    return x * cos + rotate_half(x) * sin
-
-
-class Rotary(nn.Module):
+class Rotary(RotaryPart):
     """The relative part `rope`: rotates q and k by per-token positions (token or segment index)."""
-
-    uses_bias = False
 
     def __init__(self, head_dim: int, n_heads: int, base: float = 10000.0,
                  scaling: Mapping[str, Any] | None = None, **_: Any):
@@ -138,9 +129,11 @@ class Rotary(nn.Module):
             return inv_freq.to(pos.device), scale
         return self.inv_freq, self.attention_scale
 
+    def rotation(self, pos: Tensor) -> FrequencyRotation:
+        """The rotation of a forward pass whose keys have positions `pos` (the contract of
+        `bipe.relative.RotaryPart`)."""
+        return FrequencyRotation(*self.frequencies(pos))
+
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Long `[B or 1, T]` positions -> cos, sin float32 `[B or 1, 1, T, D]`."""
-        inv_freq, scale = self.frequencies(pos)
-        freqs = pos.float().unsqueeze(-1) * inv_freq  # (B, T, D/2), fp32 as in HF Llama
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return emb.cos() * scale, emb.sin() * scale
+        return self.rotation(pos).cos_sin(pos)

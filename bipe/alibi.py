@@ -1,7 +1,7 @@
 """ALiBi (Press et al. 2022): a per-head linear penalty on the relative distance.
 
 Plain ALiBi uses token distance with the standard slopes; BiPE-ALiBi uses the distance in segments
-with the slopes multiplied by a factor (96 in the released BiPE code, PAPERS.md section 1).
+with the slopes multiplied by a factor (96 in the released BiPE code, docs/methods.md section 1).
 """
 
 from __future__ import annotations

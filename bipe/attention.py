@@ -4,8 +4,8 @@ The relative part acts through `bipe.relative`'s contract only (a `Rotation` of 
 or a bias given as a tensor and as a flex `score_mod`); no part is named here. The kernel is
 chosen once per forward pass, by `choose_kernel`, from the options (`AttentionOptions`), the kind
 of part, the device, whether a gradient is needed, the number of queries and of cached tokens
-(DESIGN.md, "Attention kernels"; torchtitan's `build_attention`), and logged once per kind
-(`bipe.attention` logger, INFO):
+(docs/architecture.md, "Attention kernels"; torchtitan's `build_attention`), and logged once
+per kind (`bipe.attention` logger, INFO):
 
 * `CausalSDPA`, no bias (rotary parts, NoPE, absolute encodings): one
   `scaled_dot_product_attention(is_causal=True)` over the whole sequence, whatever its length:

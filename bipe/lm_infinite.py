@@ -1,5 +1,5 @@
-"""LM-Infinite (Han et al., NAACL 2024; PAPERS.md section 4): Lambda-shaped attention with a cap
-on the relative distance, an inference-time fix for relative encodings.
+"""LM-Infinite (Han et al., NAACL 2024; docs/methods.md section 4): Lambda-shaped attention with
+a cap on the relative distance, an inference-time fix for relative encodings.
 
 Query `i` attends to keys `j <= i` that are either local (`i - j < n_local`, token distance) or
 global (`j < n_global`); one softmax covers both branches. Every attended pair is scored as if its
@@ -65,7 +65,8 @@ def lambda_attention(q: Tensor, k: Tensor, v: Tensor, *, n_global: int, n_local:
                      rotation: Rotation | None = None, bias: BiasPart | None = None) -> Tensor:
     """LM-Infinite attention. `q, k, v` `[B, H, T, D]` before any rotation; `positions` long
     `[B, T]` for the relative part (token index when omitted); the relative part as `rotation`
-    or `bias` (`bipe.relative`'s contract), or by the public API's shorthands (DESIGN.md):
+    or `bias` (`bipe.relative`'s contract), or by the public API's shorthands
+    (docs/architecture.md):
     `inv_freq` `[D/2]` and `rope_scale` (cos and sin multiplied by it, YaRN) for a rotation by
     frequencies, `alibi_slopes` `[H]` (multiplier applied) for a linear bias. Returns
     `[B, H, T, D]`; time and memory `O(T * (n_global + n_local))`."""

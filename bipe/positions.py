@@ -1,4 +1,4 @@
-"""Bilevel positions (BiPE, PAPERS.md section 1): segment boundaries -> (intra, inter) ids.
+"""Bilevel positions (BiPE, docs/methods.md section 1): segment boundaries -> (intra, inter) ids.
 
 A boundary flag marks the *last* token of a segment. The token that closes a segment belongs to
 it; the token after it starts the next segment. Everything here is vectorised over the last

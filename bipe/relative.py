@@ -1,5 +1,5 @@
-"""The contract between a relative part and attention (DESIGN.md, "One contract for relative
-parts").
+"""The contract between a relative part and attention (docs/architecture.md, "One contract for
+relative parts").
 
 A relative part acts inside attention in exactly one of two ways, and attention
 (`bipe.attention`, `bipe.lm_infinite`) reads it through this interface only, never by name:
@@ -8,7 +8,7 @@ A relative part acts inside attention in exactly one of two ways, and attention
   `Rotation` (`part.rotation(k_pos)`: dynamic scaling reads the positions' range), which gives
   `cos, sin` in the half-split layout of `apply_rotary`, `rotate(x, pos)` and `at_origin(x)`. A
   rotation is relative (q rotated by `i` and k by `j` score as at distance `i - j`), so
-  LM-Infinite's capped pair is the query rotated by the cap and the key by 0 (PAPERS.md 4).
+  LM-Infinite's capped pair is the query rotated by the cap and the key by 0 (docs/methods.md 4).
 * `BiasPart`: adds a bias that is a function of query and key positions, given twice: as a
   float32 tensor `[B or 1, H, Tq, Tk]` for SDPA (`bias`) and as a flex `score_mod`
   (`score_mod`), both with the distance clamped at `cap` when one is given (LM-Infinite). The two

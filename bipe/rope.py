@@ -3,7 +3,8 @@
 The layout is Hugging Face Llama's half-split one: dimension `d` pairs with `d + D/2`, so
 Llama-format checkpoints load without permuting q/k weights. cos/sin are computed from the
 positions of each forward pass, so there is no precomputed table to overflow at 8x or 64x the
-training length. Scaling types follow PAPERS.md section 5 (YaRN paper, HF `modeling_rope_utils`).
+training length. Scaling types follow docs/methods.md section 5 (YaRN paper, HF
+`modeling_rope_utils`).
 """
 
 from __future__ import annotations

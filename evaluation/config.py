@@ -51,7 +51,7 @@ def _number_list(key: str, values: Any, *, integer: bool, lo: float, hi: float |
 
 @dataclass
 class LMInfiniteSettings:
-    """`eval.lm_infinite`: Lambda-shaped attention with a distance cap (PAPERS.md section 4)."""
+    """`eval.lm_infinite`: Lambda-shaped attention with a distance cap (docs/methods.md 4)."""
 
     enabled: Any = False  # false | true | both
     n_global: int = 100  # LM-Infinite's setting for perplexity (10 for passkey)

@@ -1,5 +1,5 @@
-"""Generation quality at long prefixes (LM-Infinite, PAPERS.md section 4): greedy continuations
-scored against the gold continuation with BLEU (sacrebleu) and ROUGE (rouge-score)."""
+"""Generation quality at long prefixes (LM-Infinite, docs/methods.md section 4): greedy
+continuations scored against the gold continuation with BLEU (sacrebleu) and ROUGE (rouge-score)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Passkey retrieval (LM-Infinite, PAPERS.md section 4), with exact token counts.
+"""Passkey retrieval (LM-Infinite, docs/methods.md section 4), with exact token counts.
 
 A prompt is an instruction, filler sentences repeated to the target length, one key sentence
 at a chosen depth, and a question. It is assembled from token ids (each sentence tokenized on its

@@ -1,5 +1,5 @@
-"""Perplexity against sequence length (PAPERS.md section 1, protocol of the BiPE paper): the one
-computation (`perplexity_at_length`, `perplexity_rows`) and the one table (`format_ppl_table`,
+"""Perplexity against sequence length (docs/methods.md section 1, protocol of the BiPE paper): the
+one computation (`perplexity_at_length`, `perplexity_rows`) and the one table (`format_ppl_table`,
 with mean and 95% interval over the seeds of a group), for the end of a training run and for
 `eval.py` alike.
 

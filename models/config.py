@@ -14,7 +14,7 @@ from bipe.errors import ConfigError
 
 @dataclass
 class DecoderShape:
-    """The `model` config group: a Llama-style decoder's sizes (PAPERS.md section 1)."""
+    """The `model` config group: a Llama-style decoder's sizes (docs/methods.md section 1)."""
 
     vocab_size: int | None = None  # None: the tokenizer's size (a run fills it in)
     n_layers: int = 4

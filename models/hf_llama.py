@@ -37,7 +37,7 @@ from models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 PE_CHOICES = ("rope", "alibi", "bipe_rope", "bipe_alibi")
-RELEASED_SEPARATOR_IDS = (13, 869)  # LLaMA "\n" (<0x0A>) and " ." (PAPERS.md section 1)
+RELEASED_SEPARATOR_IDS = (13, 869)  # LLaMA "\n" (<0x0A>) and " ." (docs/methods.md section 1)
 INTRA_TABLE_KEY = "model.embeds.0.weight"  # released LlamaModel.embeds[0]
 OUR_INTRA_TABLE_KEY = "pe.absolute.table.weight"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -1,6 +1,6 @@
 """A Llama-style decoder with a pluggable positional encoding.
 
-RMSNorm, SwiGLU, no biases, untied embeddings, init std 0.02 (PAPERS.md section 1). Positions
+RMSNorm, SwiGLU, no biases, untied embeddings, init std 0.02 (docs/methods.md section 1). Positions
 reach attention through `bipe.PositionalEncoding`: the absolute part is added to the token
 embeddings, the relative part rotates q/k or adds a bias, and one `AttentionContext` per forward
 pass is shared by all layers.

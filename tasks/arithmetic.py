@@ -1,4 +1,4 @@
-"""Chain-of-thought arithmetic modulo 11 (Feng et al. 2023; PAPERS.md section 2).
+"""Chain-of-thought arithmetic modulo 11 (Feng et al. 2023; docs/methods.md section 2).
 
 Numbers. The field of integers modulo 11: `+ - *` as usual, `a / b = a * b^-1` with `b != 0`
 (every nonzero residue has an inverse because 11 is prime). Each residue 0..10 is one token.
@@ -34,7 +34,7 @@ and the last step is the single number that started it, the answer. The printed 
 correct and has the same value.
 
 Sequence and segments. `<bos> question = step_1 = ... = answer <eos>`. Segments are steps
-(PAPERS.md section 1, "one reasoning step per segment"): the token that closes a step is its
+(docs/methods.md section 1, "one reasoning step per segment"): the token that closes a step is its
 boundary, i.e. every `=` and the final `<eos>`. The question with `<bos>` is the first segment;
 the answer with `<eos>` the last. With `bos_segment=True` `<bos>` closes a segment of its own, so
 the question starts at intra-segment offset 0 like every step (a variant: by default the

@@ -1,6 +1,6 @@
 """The Bi-NFA task: a bilevel nondeterministic automaton read segment by segment.
 
-This docstring is the task's definition (PAPERS.md section 3 gives its intent: the BiPE paper
+This docstring is the task's definition (docs/methods.md section 3 gives its intent: the BiPE paper
 models segmented text with a bilevel automaton; the paper's own construction is not reproduced).
 
 Automaton. States are numbered from 0; a *set* of states is what an NFA is simulated on.

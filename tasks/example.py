@@ -18,7 +18,7 @@ class EncodedExample:
     """Token ids `[L]`, boundary flags `[L]`, scored flags `[L]` and per-example integer extras."""
 
     ids: tuple[int, ...]
-    boundary: tuple[bool, ...]  # True = last token of its segment (PAPERS.md section 1)
+    boundary: tuple[bool, ...]  # True = last token of its segment (docs/methods.md section 1)
     scored: tuple[bool, ...]  # True = this token is a target that gets a loss
     extras: dict[str, int] = field(default_factory=dict)  # e.g. prompt_len, answer_id
 

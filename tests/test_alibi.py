@@ -23,7 +23,7 @@ def test_slopes_match_paper_formula(h):
 
 
 def test_bipe_alibi_slopes_for_12_heads():
-    # PAPERS.md: 12 heads x 96 = 48, 24, 12, 6, 3, 1.5, 0.75, 0.375, 67.9, 33.9, 17.0, 8.5
+    # docs/methods.md: 12 heads x 96 = 48, 24, 12, 6, 3, 1.5, 0.75, 0.375, 67.9, 33.9, 17.0, 8.5
     got = (alibi_slopes(12) * 96).tolist()
     want = [48, 24, 12, 6, 3, 1.5, 0.75, 0.375, 67.9, 33.9, 17.0, 8.5]
     assert got == pytest.approx(want, abs=0.06)

@@ -1,5 +1,5 @@
-"""Every relative part is correct on every attention kernel (DESIGN.md, "One contract for relative
-parts"), and the encoding names agree everywhere they are listed.
+"""Every relative part is correct on every attention kernel (docs/architecture.md, "One contract
+for relative parts"), and the encoding names agree everywhere they are listed.
 
 The trap this guards against: a kernel that computes one part's bias whatever the part is (the
 flex path once added ALiBi's for every bias part). Each registered relative part, plus a toy bias

@@ -1,4 +1,4 @@
-"""The house has layers and every import points down (DESIGN.md, "Layers").
+"""The house has layers and every import points down (docs/architecture.md, "Layers").
 
     bipe < models < data < tasks < evaluation < training < train.py, eval.py, bench/
 

@@ -17,7 +17,7 @@ def test_factor_one_is_exactly_unscaled(kind):
 
 
 def test_yarn_worked_example():
-    # PAPERS.md section 5: head dim 64, L = 1024, b = 10000: the ramp runs over pairs 5 to 18.
+    # docs/methods.md section 5: head dim 64, L = 1024, b = 10000: the ramp runs over pairs 5 to 18.
     assert yarn_ramp_range(64, 10000.0, 1024) == (5, 18)
     s = {"type": "yarn", "factor": 4.0, "original_max_position": 1024}
     inv_freq, _ = rope_frequencies(64, scaling=s)

@@ -1,4 +1,4 @@
-"""The arithmetic generator against an independent parser (PAPERS.md section 2)."""
+"""The arithmetic generator against an independent parser (docs/methods.md section 2)."""
 
 import random
 

@@ -7,9 +7,10 @@ encoding are the checkpoint's, whatever `model=` and `pe=` say: the only part of
 this run's config is `pe.relative.scaling` (the RoPE scaling to train with). Its
 `original_max_position: null` is filled with the rotary part's training range: tokens per block
 for `rope`, the largest segment count per block for `bipe_rope` (from the checkpoint's data
-statistics), as PAPERS.md prescribes. `finetune.block_size_factor: k` trains on blocks of k times
-the checkpoint's block size (`null` keeps `data.block_size`). The fine-tuned checkpoint stores
-the scaled encoding in its model config, so `eval.py` applies it without being told.
+statistics), as docs/methods.md section 5 prescribes. `finetune.block_size_factor: k` trains on
+blocks of k times the checkpoint's block size (`null` keeps `data.block_size`). The fine-tuned
+checkpoint stores the scaled encoding in its model config, so `eval.py` applies it without being
+told.
 """
 
 from __future__ import annotations

@@ -342,10 +342,13 @@ class AttentionContext:
     """Built once per forward pass, shared by all layers.
 
     cos, sin: `[B or 1, 1, Tq, D]` rotate the new queries and keys (a rotary part, without
-    LM-Infinite, which rotates per pair), else None. q_pos, k_pos: relative index of the new
-    queries `[B or 1, Tq]` and of all keys `[.., Tk]`. past: cached tokens before the queries.
-    part: the relative part (`bipe.relative`), None without one; from it come `rotation` (a
-    rotary part's, for this pass) or `bias` (a bias part), and `kernel`, chosen here once.
+    LM-Infinite, which rotates per pair), else None; k_cos, k_sin: `[B or 1, 1, Tk, D]` rotate
+    every key, cached ones too, when the rotation turns keys apart from queries (xPos; None
+    otherwise: the keys turn by cos and sin and are cached turned). q_pos, k_pos: relative index
+    of the new queries `[B or 1, Tq]` and of all keys `[.., Tk]`. past: cached tokens before the
+    queries. part: the relative part (`bipe.relative`), None without one; from it come
+    `rotation` (a rotary part's, for this pass) or `bias` (a bias part), and `kernel`, chosen
+    here once.
     """
 
     past: int
@@ -357,6 +360,8 @@ class AttentionContext:
     options: AttentionOptions = field(default_factory=AttentionOptions)
     part: RelativePart | None = None
     rotation: Rotation | None = field(default=None, init=False)
+    k_cos: Tensor | None = field(default=None, init=False)
+    k_sin: Tensor | None = field(default=None, init=False)
     bias: BiasPart | None = field(default=None, init=False)
     kernel: Kernel = field(init=False)
     _shared: dict = field(default_factory=dict, repr=False)
@@ -366,9 +371,12 @@ class AttentionContext:
         if isinstance(part, BiasPart):
             self.bias = part
         elif isinstance(part, RotaryPart):
-            self.rotation = part.rotation(self.q_pos if self.k_pos is None else self.k_pos)
+            keys = self.q_pos if self.k_pos is None else self.k_pos
+            self.rotation = part.rotation(keys)
             if self.lm_infinite is None and self.cos is None:
                 self.cos, self.sin = self.rotation.cos_sin(self.q_pos)
+                if self.rotation.keys_apart:
+                    self.k_cos, self.k_sin = self.rotation.key_cos_sin(keys)
         pos = self.q_pos if self.q_pos is not None else self.k_pos
         self.kernel = choose_kernel(
             self.options, part, device=torch.device("cpu") if pos is None else pos.device,
@@ -387,6 +395,14 @@ class AttentionContext:
     def rotary(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin in the query dtype, cast once per forward pass rather than once per layer."""
         return self._once(("rot", dtype), lambda: (self.cos.to(dtype), self.sin.to(dtype)))
+
+    def key_rotary(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The keys' cos, sin in `dtype`: `k_cos`, `k_sin` over every key where the rotation
+        turns keys apart (xPos), else the queries' (`rotary`)."""
+        if self.k_cos is None:
+            return self.rotary(dtype)
+        return self._once(("key_rot", dtype), lambda: (self.k_cos.to(dtype),
+                                                       self.k_sin.to(dtype)))
 
     def _mask(self, s: int, e: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """SDPA mask for query rows `[s, e)` over keys `[0, past + e)`: the bias with the causal
@@ -414,10 +430,11 @@ class AttentionContext:
         return self.kernel.attend(self, q, k, v, cache=cache, layer=layer)
 
     def _rotated_keys(self, k: Tensor) -> Tensor | None:
-        """Keys rotated by their own positions (cached once, LM-Infinite decoding)."""
-        if self.rotation is None:
+        """Keys rotated by their own positions (cached once, LM-Infinite decoding); None where
+        a rotation turns keys apart (xPos: the ring's keys are turned in each pass)."""
+        if self.rotation is None or self.rotation.keys_apart:
             return None
-        return self.rotation.rotate(k, self._positions(k))
+        return self.rotation.rotate_key(k, self._positions(k))
 
     def _positions(self, q: Tensor) -> Tensor:
         if self.q_pos is not None:

@@ -104,13 +104,19 @@ class AbsoluteConfig:
 class RelativeConfig:
     """`pe.relative`: a part inside attention, over token or segment (inter) positions."""
 
-    type: str = "none"  # none | rope | alibi
+    type: str = "none"  # none | rope | alibi | t5 | kerple | fire | xpos (bipe/encoding.py)
     index: str = "token"  # token | inter
     base: float = 10000.0  # rope
     # A mapping or None (typed Any: OmegaConf cannot merge a mapping into an empty Optional
     # dict field); checked by normalize_scaling.
     scaling: Any = None  # rope: linear | ntk | dynamic | yarn (HF keys too)
     slope_multiplier: float = 1.0  # alibi (96 for BiPE-ALiBi in the released code)
+    # Null: the part's own default (a non-null default would change every study's fingerprint).
+    num_buckets: int | None = None  # t5 (32)
+    max_distance: int | None = None  # t5 (128)
+    fire_width: int | None = None  # fire: hidden units of its MLP (32)
+    fire_threshold: float | None = None  # fire: the initial threshold L (512)
+    scale_base: float | None = None  # xpos: gamma, the decay's length scale (512)
 
 
 @dataclass
@@ -120,6 +126,9 @@ class PEConfig:
     name: str = "custom"
     absolute: AbsoluteConfig = field(default_factory=AbsoluteConfig)
     relative: RelativeConfig = field(default_factory=RelativeConfig)
+    # Randomized positions (Ruoss et al. 2023): the token index becomes a sorted draw from
+    # [0, randomized_max) per sequence, in training and evaluation alike; null: 0..T-1.
+    randomized_max: int | None = None
 
     def __post_init__(self) -> None:
         self.absolute = build(AbsoluteConfig, self.absolute, "pe.absolute")
@@ -145,6 +154,15 @@ class PEConfig:
         elif r.scaling is not None:
             raise ConfigError(f"pe.relative.scaling applies to rope only, not {r.type!r}; "
                               "set pe.relative.scaling=null")
+        m = self.randomized_max
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(f"pe.randomized_max={m!r} must be a positive integer (positions "
+                              "are drawn from [0, pe.randomized_max)) or null")
+        reads_token = ((a.type != "none" and a.index == "token")
+                       or (r.type != "none" and r.index == "token"))
+        if m is not None and not reads_token:
+            raise ConfigError(f"pe.randomized_max randomizes the token index, which no part of "
+                              f"pe={self.name} reads; set pe.randomized_max=null")
 
     @property
     def uses_bilevel(self) -> bool:
@@ -161,17 +179,21 @@ class PEConfig:
 
     @classmethod
     def named(cls, name: str, max_positions: int | None = None, **relative: Any) -> PEConfig:
-        """One of `NAMED_ENCODINGS`; `max_positions` sizes a learned table."""
+        """One of `NAMED_ENCODINGS`; `max_positions` sizes a learned table (by default one over
+        randomized positions has `randomized_max` rows)."""
         if name not in NAMED_ENCODINGS:
             raise ConfigError(f"pe={name!r} is unknown; choose one of {sorted(NAMED_ENCODINGS)}")
         spec = NAMED_ENCODINGS[name]
         absolute = dict(spec.get("absolute", {}))
+        randomized = spec.get("randomized_max")
         if absolute.get("type") == "learned":
-            absolute["max_positions"] = max_positions
-        return cls(name=name, absolute=absolute, relative={**spec.get("relative", {}), **relative})
+            absolute["max_positions"] = randomized if max_positions is None else max_positions
+        return cls(name=name, absolute=absolute, relative={**spec.get("relative", {}), **relative},
+                   randomized_max=randomized)
 
 
-NAMED_ENCODINGS: dict[str, dict[str, dict[str, Any]]] = {
+# name -> {"absolute": {...}, "relative": {...}, and optionally "randomized_max": int}
+NAMED_ENCODINGS: dict[str, dict[str, Any]] = {
     "nope": {},
     "sinusoidal": {"absolute": {"type": "sinusoidal", "index": "token"}},
     "learned": {"absolute": {"type": "learned", "index": "token"}},
@@ -181,6 +203,20 @@ NAMED_ENCODINGS: dict[str, dict[str, dict[str, Any]]] = {
                   "relative": {"type": "rope", "index": "inter"}},
     "bipe_alibi": {"absolute": {"type": "learned", "index": "intra"},
                    "relative": {"type": "alibi", "index": "inter", "slope_multiplier": 96.0}},
+    "t5": {"relative": {"type": "t5", "index": "token"}},
+    "bipe_t5": {"absolute": {"type": "learned", "index": "intra"},
+                "relative": {"type": "t5", "index": "inter"}},
+    "kerple": {"relative": {"type": "kerple", "index": "token"}},
+    "bipe_kerple": {"absolute": {"type": "learned", "index": "intra"},
+                    "relative": {"type": "kerple", "index": "inter"}},
+    "fire": {"relative": {"type": "fire", "index": "token"}},
+    "bipe_fire": {"absolute": {"type": "learned", "index": "intra"},
+                  "relative": {"type": "fire", "index": "inter"}},
+    "xpos": {"relative": {"type": "xpos", "index": "token"}},
+    # Randomized positions from [0, 4096): 16x the default 256-token blocks, the longest test.
+    "rope_randomized": {"relative": {"type": "rope", "index": "token"}, "randomized_max": 4096},
+    "learned_randomized": {"absolute": {"type": "learned", "index": "token"},
+                           "randomized_max": 4096},
 }
 
 

@@ -2,8 +2,9 @@
 
 absolute: `none` | `learned` | `sinusoidal`, over the `token` or `intra` index, added to the
           token embeddings;
-relative: `none` | `rope` | `alibi`, over the `token` or `inter` index, acting inside attention
-          (rotating q/k, or adding a bias to the logits).
+relative: `none` | `rope` | `xpos` (rotations) | `alibi` | `t5` | `kerple` | `fire` (biases),
+          over the `token` or `inter` index, acting inside attention (rotating q/k, or adding a
+          bias to the logits).
 
 RoPE, ALiBi, BiPE-RoPE and BiPE-ALiBi are four named configurations of this one class (NoPE and
 the absolute-only baselines come for free). A new scheme is a new entry in `ABSOLUTE_PARTS` or
@@ -33,9 +34,14 @@ from bipe.config import (
     PEConfig,
     RelativeConfig,
 )
-from bipe.positions import bilevel_ids
+from bipe.errors import ConfigError
+from bipe.fire import FIRE
+from bipe.kerple import KerpleLog
+from bipe.positions import bilevel_ids, randomized_positions
 from bipe.relative import RelativePart
 from bipe.rope import Rotary
+from bipe.t5 import T5Bias
+from bipe.xpos import XPos
 
 __all__ = ["ABSOLUTE_PARTS", "NAMED_ENCODINGS", "RELATIVE_PARTS", "AbsoluteConfig", "PEConfig",
            "PartRegistry", "PositionalEncoding", "Positions", "RelativeConfig"]
@@ -71,10 +77,16 @@ ABSOLUTE_PARTS = PartRegistry(ABSOLUTE_TYPES, {"learned": LearnedAbsolute,
                                                "sinusoidal": SinusoidalAbsolute})
 # A relative part is a `RotaryPart` or a `BiasPart`; attention reads it only through them.
 RELATIVE_PARTS = PartRegistry(RELATIVE_TYPES, {"rope": Rotary, "alibi": ALiBi}, RelativePart)
+# The field's standard bias baselines (docs/methods.md section 6).
+RELATIVE_PARTS["t5"] = T5Bias
+RELATIVE_PARTS["kerple"] = KerpleLog
+RELATIVE_PARTS["fire"] = FIRE
+RELATIVE_PARTS["xpos"] = XPos  # RoPE with xPos's decay (docs/methods.md section 6)
 
 
 class Positions(NamedTuple):
-    """Every index a part may read. token: `[1, T]`; intra, inter: `[B, T]` or None."""
+    """Every index a part may read. token: `[1, T]` (`[B, T]`, drawn, with randomized
+    positions); intra, inter: `[B, T]` or None."""
 
     token: Tensor
     intra: Tensor | None = None
@@ -84,6 +96,9 @@ class Positions(NamedTuple):
         pos = getattr(self, index)
         assert pos is not None, f"{index} positions were not computed"
         return pos
+
+
+EVAL_DRAW_SEED = 0  # randomized positions outside training: the same draws on every call
 
 
 class PositionalEncoding(nn.Module):
@@ -103,15 +118,35 @@ class PositionalEncoding(nn.Module):
                   start: tuple[Tensor, Tensor] | None = None, device=None) -> Positions:
         """Ids for `length` new tokens after `past` cached ones. `boundary`: bool `[B, T]`|None;
         `start`: the (intra, inter) the first new token gets if no boundary precedes it."""
-        if self.absolute is not None:
-            self.absolute.check_length(past + length)
-        token = torch.arange(past, past + length, device=device).unsqueeze(0)
+        randomized = self.config.randomized_max
+        if self.absolute is not None:  # drawn positions reach randomized_max - 1
+            self.absolute.check_length(past + length if randomized is None else randomized)
+        if randomized is None:
+            token = torch.arange(past, past + length, device=device).unsqueeze(0)
+        else:
+            token = self.randomized_token(batch, length, past, device)
         if not self.config.uses_bilevel:
             return Positions(token)
         if boundary is None:  # no segments: one segment spanning the whole sequence
             boundary = torch.zeros(batch, length, dtype=torch.bool, device=device)
         intra, inter = bilevel_ids(boundary, start=start)
         return Positions(token, intra, inter)
+
+    def randomized_token(self, batch: int, length: int, past: int, device=None) -> Tensor:
+        """Token positions drawn per sequence from `[0, randomized_max)`, sorted, `[B, T]`:
+        Ruoss et al. 2023 draw them in training and at test time alike (docs/methods.md section
+        6). Training draws from the global RNG, which the training loop reseeds per batch (a
+        resumed run stays exact); evaluation from a generator seeded alike on every call, so a
+        score depends on the model and the inputs only."""
+        if past:
+            raise ConfigError(f"pe.randomized_max: pe={self.config.name} draws the positions of a "
+                              "whole sequence at once, so a KV cache cannot extend them; score "
+                              "whole sequences without cached decoding")
+        generator = None
+        if not self.training:
+            generator = torch.Generator(device=device or "cpu").manual_seed(EVAL_DRAW_SEED)
+        return randomized_positions(batch, length, self.config.randomized_max,
+                                    generator=generator, device=device)
 
     def embed(self, h: Tensor, pos: Positions) -> Tensor:
         """Add the absolute part to token embeddings `h` `[B, T, C]`."""

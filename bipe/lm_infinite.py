@@ -39,7 +39,7 @@ def lambda_block(q: Tensor, k: Tensor, v: Tensor, *, q_tok: Tensor, k_tok: Tenso
     scale = 1.0 / math.sqrt(q.shape[-1])
     if rotation is not None:
         if k_rot is None:
-            k_rot = rotation.rotate(k, k_pos)
+            k_rot = rotation.rotate_key(k, k_pos)
         scores = rotation.rotate(q, q_pos) @ k_rot.transpose(-1, -2)
         if distance_cap is not None:
             capped = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).unsqueeze(1) > distance_cap

@@ -1,4 +1,5 @@
-"""Bilevel positions (BiPE, docs/methods.md section 1): segment boundaries -> (intra, inter) ids.
+"""Bilevel positions (BiPE, docs/methods.md section 1): segment boundaries -> (intra, inter) ids;
+and randomized token positions (Ruoss et al. 2023, section 6).
 
 A boundary flag marks the *last* token of a segment. The token that closes a segment belongs to
 it; the token after it starts the next segment. Everything here is vectorised over the last
@@ -11,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from bipe.errors import ConfigError
 
 
 def bilevel_ids(
@@ -60,3 +63,19 @@ def boundaries_from_separators(input_ids: Tensor, separator_ids: Iterable[int] |
     if seps.numel() == 0:
         return torch.zeros_like(input_ids, dtype=torch.bool)
     return torch.isin(input_ids, seps)
+
+
+def randomized_positions(batch: int, length: int, max_position: int, *,
+                         generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> Tensor:
+    """Long `[batch, length]`: per row, `length` positions drawn uniformly without replacement
+    from `[0, max_position)` and sorted (Ruoss et al. 2023, docs/methods.md section 6), so a
+    model trained on short sequences sees the positions of long ones. Draws from `generator`, or
+    the global RNG (which training reseeds per batch: resumed runs stay exact)."""
+    if length > max_position:
+        raise ConfigError(f"pe.randomized_max={max_position} is less than the sequence length "
+                          f"{length}: positions are drawn without replacement from [0, "
+                          "pe.randomized_max); set it to at least the longest sequence")
+    keys = torch.rand(batch, max_position, generator=generator, device=device)
+    drawn = keys.topk(length, dim=-1, largest=False, sorted=False).indices
+    return drawn.sort(dim=-1).values

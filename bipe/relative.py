@@ -9,6 +9,9 @@ A relative part acts inside attention in exactly one of two ways, and attention
   `cos, sin` in the half-split layout of `apply_rotary`, `rotate(x, pos)` and `at_origin(x)`. A
   rotation is relative (q rotated by `i` and k by `j` score as at distance `i - j`), so
   LM-Infinite's capped pair is the query rotated by the cap and the key by 0 (docs/methods.md 4).
+  Keys turn as queries do unless the rotation sets `keys_apart` (xPos scales them the other
+  way, around a centre of the pass): they then turn by `key_cos_sin` / `rotate_key`, and
+  attention turns every key in each pass instead of caching them turned.
 * `BiasPart`: adds a bias that is a function of query and key positions, given twice: as a
   float32 tensor `[B or 1, H, Tq, Tk]` for SDPA (`bias`) and as a flex `score_mod`
   (`score_mod`), both with the distance clamped at `cap` when one is given (LM-Infinite). The two
@@ -54,20 +57,35 @@ class Rotation(ABC):
     """The rotation of one forward pass, in the half-split layout (dimension `d` pairs with
     `d + D/2`, Hugging Face Llama's)."""
 
+    # True when keys turn by `key_cos_sin`, not as queries do, by an amount that depends on the
+    # pass (xPos's centre): a key turned in one pass is then wrong in the next, so attention
+    # caches keys unturned and turns every key in each pass.
+    keys_apart: ClassVar[bool] = False
+
     @abstractmethod
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Long positions `[B or 1, T]` -> cos, sin float32 `[B or 1, 1, T, D]`; a 0-d position
-        (LM-Infinite's cap) -> `[D]`."""
+        """Long positions `[B or 1, T]` -> the queries' cos, sin float32 `[B or 1, 1, T, D]`; a
+        0-d position (LM-Infinite's cap) -> `[D]` (or `[B or 1, 1, 1, D]`)."""
+
+    def key_cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys' cos, sin (as `cos_sin`): the queries' unless `keys_apart`."""
+        return self.cos_sin(pos)
 
     def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
-        """`x` `[B, H, T, D]` rotated by positions `[B or 1, T]`, or all by one 0-d position."""
+        """Queries `x` `[B, H, T, D]` rotated by positions `[B or 1, T]`, or all by one 0-d
+        position."""
         cos, sin = self.cos_sin(pos)
         return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
 
+    def rotate_key(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Keys `x` rotated by their positions (as `rotate`, by `key_cos_sin`)."""
+        cos, sin = self.key_cos_sin(pos)
+        return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
+
     def at_origin(self, x: Tensor) -> Tensor:
-        """`x` as rotated by position 0: the key of a pair LM-Infinite caps (its query is rotated
-        by the cap)."""
-        return self.rotate(x, torch.zeros((), dtype=torch.long, device=x.device))
+        """Keys `x` as rotated by position 0: the key of a pair LM-Infinite caps (its query is
+        rotated by the cap)."""
+        return self.rotate_key(x, torch.zeros((), dtype=torch.long, device=x.device))
 
 
 class FrequencyRotation(Rotation):

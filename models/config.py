@@ -43,7 +43,7 @@ class ModelConfig(DecoderShape):
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
                               f"model.n_heads={self.n_heads}; choose sizes whose ratio is the "
                               "head size")
-        if self.pe.relative.type == "rope" and self.head_dim % 2:
+        if self.pe.relative.type in ("rope", "xpos") and self.head_dim % 2:
             raise ConfigError(f"rotary head size model.hidden_size/model.n_heads="
                               f"{self.head_dim} is odd; RoPE rotates pairs of dimensions, "
                               "choose an even head size")

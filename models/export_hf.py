@@ -46,6 +46,8 @@ def exportable_to_llama(cfg: ModelConfig) -> str | None:
         return f"pe={cfg.pe.name} has relative part {r.type!r}; Llama computes RoPE only"
     if r.index != "token":
         return f"pe={cfg.pe.name} rotates by segment index (BiPE), which Llama cannot read"
+    if cfg.pe.randomized_max is not None:
+        return f"pe={cfg.pe.name} draws random positions, which Llama has not"
     return None
 
 

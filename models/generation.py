@@ -19,14 +19,15 @@ from bipe.positions import boundaries_from_separators
 class KVCache:
     """Per-layer keys and values plus the position state of the sequence so far.
 
-    Without a window, keys are cached already rotated, in buffers grown by doubling. With
+    Without a window, keys are cached already rotated (unrotated where the rotation turns keys
+    apart from queries: xPos rotates every key in each pass), in buffers grown by doubling. With
     `window=(n_global, n_local)` (LM-Infinite) the cache is a fixed ring of `n_global + n_local`
     slots per layer: token t < n_global keeps slot t for good, a later token takes slot
     `n_global + (t - n_global) % n_local`, overwriting the token `n_local` before it, which no
     later query can see. Keys are kept both as computed and rotated once by their own position
-    (RoPE), so a decoding step costs one attention over the window, and memory stays constant
-    however long the text. `slot_tokens` and `slot_positions` say which token (-1: none yet)
-    and which relative position each slot holds.
+    (RoPE; xPos rotates them in each pass), so a decoding step costs one attention over the
+    window, and memory stays constant however long the text. `slot_tokens` and
+    `slot_positions` say which token (-1: none yet) and which relative position each slot holds.
     """
 
     def __init__(self, n_layers: int, window: tuple[int, int] | None = None):

@@ -38,9 +38,13 @@ class Attention(nn.Module):
         else:
             if ctx.cos is not None:
                 cos, sin = ctx.rotary(q.dtype)
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if cache is not None:  # keys are cached already rotated
+                q = apply_rotary(q, cos, sin)
+                if ctx.k_cos is None:  # keys turn as queries do (RoPE): cached turned
+                    k = apply_rotary(k, cos, sin)
+            if cache is not None:
                 k, v = cache.update(layer, k, v)
+            if ctx.k_cos is not None:  # xPos: every key, cached ones too, in this pass's frame
+                k = apply_rotary(k, *ctx.key_rotary(q.dtype))
             y = ctx.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

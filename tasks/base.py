@@ -168,8 +168,8 @@ class GeneratedTask(Task):
     def datamodule(self, run: Any, start_meta: Mapping[str, Any] | None,
                    output_dir: Path) -> Any:
         """`SyntheticDataModule` with its evaluation sets drawn. A learned token-position table
-        must cover the longest test sequence; a checkpoint to start from must share the task's
-        vocabulary."""
+        and randomized positions' range must cover the longest test sequence; a checkpoint to
+        start from must share the task's vocabulary."""
         # lazy: the data module imports torch and Lightning; config checks must not wait for them
         from tasks.generated import SyntheticDataModule
 
@@ -177,6 +177,12 @@ class GeneratedTask(Task):
         dm.setup("fit")
         absolute = run["pe"]["absolute"]
         longest = dm.stats["eval_max_input_length"]
+        randomized = run["pe"].get("randomized_max")
+        if randomized is not None and randomized < longest:
+            raise ConfigError(f"pe.randomized_max={randomized} cannot cover task={self.name}'s "
+                              f"longest test sequence ({longest} tokens): positions are drawn "
+                              f"from [0, pe.randomized_max) at test time too; set "
+                              f"pe.randomized_max>={longest}")
         if (absolute["type"] == "learned" and absolute["index"] == "token"
                 and absolute["max_positions"] < longest):
             raise ConfigError(f"pe.absolute.max_positions={absolute['max_positions']} rows cannot "

@@ -116,10 +116,11 @@ def dense_reference(part, q, k, v, pos, lm: LMInfinite | None) -> torch.Tensor:
 
 
 def attend(part, q, k, v, pos, options):
-    """The README's flow: a context per pass, q and k rotated when it gives cos and sin."""
+    """The README's flow: a context per pass, q and k rotated when it gives cos and sin (the
+    keys by theirs: xPos scales them apart)."""
     ctx = AttentionContext(past=0, length=T, q_pos=pos, k_pos=pos, options=options, part=part)
     if ctx.cos is not None:
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k = apply_rotary(q, *ctx.rotary(q.dtype)), apply_rotary(k, *ctx.key_rotary(k.dtype))
     return ctx.kernel, ctx.attend(q, k, v)
 
 

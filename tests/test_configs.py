@@ -39,7 +39,9 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_documented_options():
     assert set(options("pe")) == {"nope", "sinusoidal", "learned", "rope", "alibi", "bipe_rope",
-                                  "bipe_alibi", "bipe_alibi_x1", "alibi_x16", "alibi_x11"}
+                                  "bipe_alibi", "bipe_alibi_x1", "alibi_x16", "alibi_x11",
+                                  "xpos", "rope_randomized", "learned_randomized", "t5",
+                                  "bipe_t5", "kerple", "bipe_kerple", "fire", "bipe_fire"}
     assert {"tiny", "small", "base"} <= set(options("model"))
     assert {"shakespeare", "python_code", "pg19", "pile", "text_files"} <= set(options("data"))
     assert {"cpu", "gpu"} <= set(options("trainer"))

@@ -304,6 +304,7 @@ def validate_config(cfg: DictConfig) -> RunSettings:
                           "is infinite, validation runs every trainer.val_check_interval batches")
 
     model_config(run)  # the model and PE config, with the configured vocabulary standing in
+    check_randomized(run["pe"], block_size)
 
     # Last, as they import their targets (Lightning takes seconds to import).
     check_target_kwargs(trainer, "trainer")
@@ -316,6 +317,24 @@ def validate_config(cfg: DictConfig) -> RunSettings:
 
     return RunSettings(optim=optim, eval=evaluation, task=task, max_steps=max_steps,
                        accumulate_grad_batches=accumulate, block_size=block_size)
+
+
+def check_randomized(pe: Mapping[str, Any], block_size: int) -> None:
+    """Randomized positions (`pe.randomized_max`) must cover the training length, and a learned
+    token table must have a row for every position they can draw; else ConfigError."""
+    randomized = pe.get("randomized_max")
+    if randomized is None:
+        return
+    if randomized < block_size:
+        raise ConfigError(f"pe.randomized_max={randomized} is less than data.block_size="
+                          f"{block_size}: positions are drawn without replacement from [0, "
+                          "pe.randomized_max); set it to at least the longest sequence evaluated")
+    absolute = pe["absolute"]
+    if (absolute["type"] == "learned" and absolute["index"] == "token"
+            and absolute["max_positions"] < randomized):
+        raise ConfigError(f"pe.absolute.max_positions={absolute['max_positions']} rows cannot "
+                          f"hold positions drawn from [0, pe.randomized_max={randomized}); set "
+                          f"pe.absolute.max_positions={randomized}")
 
 
 def model_config(run: Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bipe.errors import ConfigError
+from evaluation.records import flatten
 from models.checkpoint import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -16,18 +17,6 @@ UNTRACKED = ("ckpt_path", "init_from", "paths.", "logger.", "callbacks.", "eval.
              "data.pack_workers", "extras.", "tags", "compile",
              "data.num_workers", "data.pin_memory",
              "trainer.default_root_dir", "trainer.enable_progress_bar")  # where, not what
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def check_resume(ckpt: Mapping[str, Any], model_config: Mapping[str, Any],

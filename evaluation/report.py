@@ -292,6 +292,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
         f"runs each encoding at its chosen rate, `conf/tuned/{spec.name}/`):", "", "```", grid,
         "```", ""]
     if not records:
+        if draw:  # a figure of records since removed would mislead
+            (figures / f"{spec.name}.png").unlink(missing_ok=True)
         return "\n".join([f"No study records in `results/{spec.name}/` yet: run `python "
                           f"train.py -m experiment={spec.name}`.", "", *grid_lines]), {}
     table, numbers = study_table(spec, records)

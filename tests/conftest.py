@@ -48,6 +48,24 @@ def write_corpus(folder: Path, documents: int = 10, sentences: int = 150, seed: 
     return str(folder / "*.txt")
 
 
+def _results_snapshot() -> dict[str, int]:
+    folder = ROOT / "results"
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+            for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def results_stay_untouched():
+    """No test writes into the repository's `results/` (study records are data under version
+    control: a test run that left one there once made CI skip the runs it meant to test)."""
+    before = _results_snapshot()
+    yield
+    after = _results_snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, (f"tests wrote into {ROOT / 'results'}: {changed[:5]}; give the run "
+                         "study.results_dir=<tmp folder>")
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Glob of a ~100 KB text corpus shared by the session."""

@@ -111,11 +111,15 @@ def test_a_two_job_sweep_and_its_summary(tmp_path):
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=arithmetic_sweep",
          "pe=rope,bipe_rope", "model.hidden_size=16", "seed=0",
          *TINY[:1], *TINY[2:], *ARITHMETIC[1:],
-         f"hydra.sweep.dir={sweep}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+         f"hydra.sweep.dir={sweep}", f"study.results_dir={tmp_path / 'results'}",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = sorted(sweep.glob("*/task_eval.json"))
     assert len(reports) == 2
+    # Each run of the study left its record, in the results folder it was given.
+    records = sorted((tmp_path / "results" / "arithmetic_sweep").glob("*.json"))
+    assert [p.name.split(",")[0] for p in records] == ["pe=bipe_rope", "pe=rope"]
 
     summary = subprocess.run(
         [sys.executable, "-m", "evaluation.task_summary", str(sweep)],

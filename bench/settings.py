@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from bipe.config import NAMED_ENCODINGS
+
 SECTIONS: tuple[str, ...] = ("training", "encodings", "compiled", "long_context", "decoding",
                              "data", "ceiling")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -75,7 +77,7 @@ class Profile:
     # 4. long-context forward (the model trained at `lc_train_len`)
     lc_shape: Shape = LONG
     lc_lengths: tuple[int, ...] = (2048, 8192)
-    lc_encodings: tuple[str, ...] = ("rope", "alibi", "bipe_alibi")
+    lc_encodings: tuple[str, ...] = tuple(NAMED_ENCODINGS)  # every named encoding
     lc_train_len: int = 1024  # LM-Infinite n_local and distance cap (pretraining length)
     lc_n_global: int = 100
     lc_reps: int = 3
@@ -136,6 +138,7 @@ SMOKE = Profile(
     compile_reps=1,
     lc_shape=TINY,
     lc_lengths=(128, 256),
+    lc_encodings=("rope", "alibi", "bipe_alibi", "kerple"),
     lc_train_len=64,
     lc_n_global=4,
     lc_reps=1,

@@ -141,6 +141,12 @@ class BiasPart(RelativePart):
         `q_idx` indexing `q_pos` `[B, Tq]` and `kv_idx` indexing `k_pos` `[B, Tk]` (attention
         passes one row per batch element)."""
 
+    def linear_slopes(self) -> Tensor | None:
+        """Per-head slopes `m` `[H]` (>= 0) when the uncapped bias is exactly `-m_h (p_i - p_j)`,
+        else None (the default). Attention then runs `bipe.linear_bias` on the CPU at inference:
+        the bias folded into the dot product and each head's vanishing far past skipped."""
+        return None
+
 
 class DistanceBias(BiasPart):
     """A bias that depends on the head and the (capped) distance only: `distance_bias` gives it,
@@ -181,3 +187,6 @@ class LinearBias(DistanceBias):
 
     def distance_bias(self, d: Tensor, h: Tensor) -> Tensor:
         return -self.slopes[h] * d
+
+    def linear_slopes(self) -> Tensor:
+        return self.slopes

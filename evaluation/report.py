@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from bipe.config import NAMED_ENCODINGS
 from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
 from evaluation.records import Record, format_value, read_record
@@ -71,6 +72,7 @@ class StudySpec:
     percent: bool
     claims: tuple[Claim, ...]
     pe_order: tuple[str, ...]
+    note: str = ""  # a sentence after the title (what the table can and cannot show)
 
 
 def _task_columns(suffix: str) -> Callable[[Sequence[Record]], list[tuple[str, str]]]:
@@ -121,6 +123,12 @@ STUDIES = {
                          ("bipe_alibi", "bipe_alibi_x1", "seg_16", "2x segments"),
                          ("bipe_alibi", "alibi_x16", "seg_16", "2x segments"))),
         pe_order=("rope", "bipe_rope", "alibi", "bipe_alibi", "alibi_x16", "bipe_alibi_x1")),
+    "encoding_tour": StudySpec(
+        "encoding_tour", "Every named encoding: test perplexity against length (Shakespeare, "
+        "trained on 256 tokens for 300 steps)", rows=("pe",), columns=_length_columns,
+        higher_is_better=False, percent=False, claims=(), pe_order=tuple(NAMED_ENCODINGS),
+        note="One seed at the default rate for each: an anecdote that every encoding runs end "
+             "to end, not a comparison (the studies above compare, with tuned rates and seeds)."),
 }
 
 
@@ -302,7 +310,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
     lines = [f"**{spec.title}.** Mean ± half-width of the 95% interval over the seeds of each "
              f"row ({count}; Student's t; a row of one seed shows its value alone). "
-             f"{len(records)} records in `results/{spec.name}/`.", "", table, ""]
+             f"{len(records)} records in `results/{spec.name}/`."
+             + (f" {spec.note}" if spec.note else ""), "", table, ""]
     missing = missing_cells(records, expected_cells(spec.name, conf))
     if missing:
         lines += [f"Not yet recorded ({len(missing)} of the sweep's runs: not run, deferred or "
@@ -310,8 +319,9 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
                   + ", ".join(f"`{m}`" for m in missing), ""]
     lines += grid_lines
     comp, verdicts = comparisons(spec, records)
-    lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
-              comp, ""]
+    if spec.claims:
+        lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
+                  comp, ""]
     figure = draw_figure(spec, records, numbers, figures, draw)
     if figure is not None:
         link = Path(os.path.relpath(figure, base)).as_posix()

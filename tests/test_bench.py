@@ -92,7 +92,8 @@ def test_smoke_profile_writes_every_section(tmp_path: Path) -> None:
     assert {r["contender"] for r in training} >= {"ours"}
     lc = payload["sections"]["long_context"]["records"]
     measured = {r["contender"] for r in lc if r["median_tokens_per_s"]}
-    assert measured >= {"rope", "alibi", "bipe_alibi"}
+    assert measured >= {"rope", "alibi", "bipe_alibi", "kerple"}
+    assert all(r["kernel"] for r in lc if r["contender"] in measured - {"hf-llama-sdpa"})
     assert all(r["median_peak_mib"] is not None for r in lc if r["contender"] in measured)
     compiled = payload["sections"]["compiled"]["records"]
     assert compiled and all(r["loss_abs_diff"] < 1e-3 for r in compiled)

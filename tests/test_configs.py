@@ -216,6 +216,20 @@ def test_a_study_sweeps_three_seeds_of_each_encoding_with_its_tuned_lr(study, tm
             == 0.123
 
 
+def test_the_encoding_tour_runs_every_named_encoding(tmp_path):
+    from bipe.config import NAMED_ENCODINGS
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=encoding_tour"],
+                      return_hydra_config=True)
+    pes = str(cfg.hydra.sweeper.params.pe).split(",")
+    assert sorted(pes) == sorted(NAMED_ENCODINGS) and str(cfg.hydra.sweeper.params.seed) == "0"
+    for pe in pes:
+        job = compose_train(["experiment=encoding_tour", f"pe={pe}"], tmp_path)
+        validate_config(job)
+        assert job.study.name == "encoding_tour" and list(job.eval.lengths) == [1, 2, 4, 8, 16]
+
+
 def test_sweep_job_folder_names_stay_short_and_unique():
     from training.config import short_dirname
 

@@ -1,0 +1,112 @@
+"""`bipe.linear_bias`: a bias linear in the position, folded into the dot product, each head's
+far past left out where its weight vanishes in float32; equal to the explicit bias."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bipe import AttentionOptions, PEConfig
+from bipe.attention import AttentionContext, BiasSDPA, LinearBiasWindows
+from bipe.linear_bias import linear_bias_attention, reach
+from bipe.positions import bilevel_ids
+from bipe.relative import LinearBias
+from tests.helpers import random_batch, tiny_model
+
+B, H, T, D = 2, 4, 700, 8
+
+
+def dense(q, k, v, pos, slopes):
+    """Softmax over the explicit `[B, H, T, T]` float64 scores with the bias and causal mask."""
+    d = (pos[:, None, :, None] - pos[:, None, None, :]).double()
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s - slopes.double().view(1, -1, 1, 1) * d
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return (s.softmax(-1) @ v.double()).float()
+
+
+def segments(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return bilevel_ids(torch.rand(B, T, generator=g) < 0.2)[1]  # segment index, [B, T]
+
+
+CASES = {
+    # steep heads see a few dozen tokens, one sees everything (slope 0)
+    "tokens": (torch.arange(T)[None], torch.tensor([2.0, 0.5, 0.05, 0.0]), 1.0),
+    # BiPE-ALiBi's x96 slopes over segment indices (per batch element), large norms
+    "segments": (segments(0), torch.tensor([48.0, 6.0, 0.4, 0.0]), 3.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("block", [64, 256])
+@torch.inference_mode()
+def test_equals_the_explicit_bias(case, block):
+    pos, slopes, scale = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) * scale for _ in range(3))
+    # The windows really cut: the steepest head reaches a tenth of the positions or less.
+    assert reach(q, k, slopes)[0] < pos.max() / 10
+    got = linear_bias_attention(q, k, v, pos, slopes, block)
+    torch.testing.assert_close(got, dense(q, k, v, pos, slopes), rtol=1e-5, atol=2e-5)
+
+
+@torch.inference_mode()
+def test_a_far_key_that_dominates_is_kept():
+    """The window grows with the norms: a key far back whose dot product with a late query
+    outweighs its bias still gets its weight (a window of fixed width would drop it)."""
+    pos, slopes = torch.arange(T)[None], torch.tensor([1.0, 1.0, 0.5, 0.5])
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) * 0.1 for _ in range(3))
+    k[:, :, 10] = 60.0 * q[:, :, T - 1] / q[:, :, T - 1].norm(dim=-1, keepdim=True)
+    q[:, :, T - 1] = 60.0 * q[:, :, T - 1] / q[:, :, T - 1].norm(dim=-1, keepdim=True)
+    v[:, :, 10] = 5.0
+    want = dense(q, k, v, pos, slopes)
+    assert want[:, :, T - 1].abs().max() > 1.0  # key 10 carries the last query's output
+    got = linear_bias_attention(q, k, v, pos, slopes, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["alibi", "bipe_alibi"])
+def test_a_model_at_inference_equals_its_training_kernel(name):
+    """Above `chunk_size` without a gradient the model gets LinearBiasWindows; with one it gets
+    the explicit bias (BiasSDPA): the logits agree."""
+    model = tiny_model(PEConfig.named(name, max_positions=512)).eval()
+    ids, boundary = random_batch(2, 300, p_boundary=0.2)
+    model.attention = AttentionOptions(chunk_size=64)
+    pos, part = torch.arange(300)[None], LinearBias(torch.ones(2))
+    for grad, kind in ((True, BiasSDPA), (False, LinearBiasWindows)):
+        with torch.set_grad_enabled(grad):
+            ctx = AttentionContext(past=0, length=300, q_pos=pos, k_pos=pos,
+                                   options=model.attention, part=part)
+            assert type(ctx.kernel) is kind
+    with torch.enable_grad():
+        want = model(ids, boundary).detach()
+    with torch.inference_mode():
+        got = model(ids, boundary)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_outside_its_domain_the_explicit_bias_runs_instead(caplog, monkeypatch):
+    """bfloat16 (the folded column would hold the bias to a fraction of a logit) and positions
+    that decrease (the windows assume they never do) are computed with the explicit bias, and
+    the log says so."""
+    monkeypatch.setattr("bipe.attention._LOGGED", set())
+    part = LinearBias(torch.tensor([0.5, 0.1]))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, D, generator=g) for _ in range(3))
+    options = AttentionOptions(chunk_size=64)
+    shuffled = torch.randperm(300, generator=g)[None]
+    for pos, dtype, why in ((torch.arange(300)[None], torch.bfloat16, "not float32"),
+                            (shuffled, torch.float32, "positions that decrease")):
+        ctx = AttentionContext(past=0, length=300, q_pos=pos, k_pos=pos, options=options,
+                               part=part)
+        assert isinstance(ctx.kernel, LinearBiasWindows)
+        x = [t.to(dtype) for t in (q, k, v)]
+        with caplog.at_level("INFO", logger="bipe.attention"):
+            got = ctx.attend(*x)
+        assert why in caplog.text
+        assert torch.equal(got, BiasSDPA.of(64, 300).attend(ctx, *x))

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="TOKENS",
                    help="long-context lengths in tokens, instead of the profile's (e.g. "
                         "--quick --lengths 2048 8192 32768)")
+    p.add_argument("--encodings", nargs="+", default=None, metavar="PE",
+                   help="long-context encodings, instead of every named one (e.g. "
+                        "--encodings rope alibi t5)")
     p.set_defaults(profile="quick")
     return p.parse_args(argv)
 
@@ -43,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         if min(args.lengths) < 1:
             raise SystemExit("python -m bench: error: --lengths must be positive token counts")
         profile = profile.replace(lc_lengths=tuple(sorted(set(args.lengths))))
+    if args.encodings:
+        from bipe.config import NAMED_ENCODINGS
+
+        unknown = sorted(set(args.encodings) - set(NAMED_ENCODINGS))
+        if unknown:
+            raise SystemExit(f"python -m bench: error: --encodings {' '.join(unknown)}: not a "
+                             f"named encoding; choose from {', '.join(NAMED_ENCODINGS)}")
+        profile = profile.replace(lc_encodings=tuple(args.encodings))
     md_path, json_path, md = run(profile, out, args.only or SECTIONS,
                                  command=command.strip(),
                                  echo=lambda s: print(s, file=sys.stderr, flush=True))

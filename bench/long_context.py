@@ -6,9 +6,9 @@ share them:
 * `hf-llama-sdpa`: Hugging Face `LlamaForCausalLM` with its SDPA attention (the reference);
 * every named encoding (`profile.lc_encodings`) with the default attention options, the
   kernel chosen by `bipe.attention.choose_kernel` (each contender's is in the record): one
-  causal SDPA call for rotary parts and absolute encodings, `LinearBiasWindows` for a bias
-  linear in the position (ALiBi, BiPE-ALiBi), compiled flex attention with the bias as a
-  score_mod for the other bias parts (T5, KERPLE, FIRE and their BiPE versions).
+  causal SDPA call for rotary parts and absolute encodings, `FarFieldSDPA` for a bias with a
+  far field (ALiBi, T5 and their BiPE versions), compiled flex attention with the bias as a
+  score_mod for the other bias parts (KERPLE, FIRE and their BiPE versions).
 
 Targets (issue "one attention contract"): `rope` at least 1.1x Hugging Face Llama with SDPA, a
 linear bias at least 0.9x `rope`, the other bias parts at least 0.8x `rope`.
@@ -153,8 +153,8 @@ def run_job(job: LengthJob) -> dict[str, Any]:
 
 
 def target(pe: str) -> str:
-    """The issue's target for an encoding against `rope`: 0.9x for a bias linear in the
-    position, 0.8x for the other bias parts, none for the rest."""
+    """The issue's target for an encoding against `rope`: 0.9x for ALiBi's linear bias (and
+    BiPE-ALiBi's), 0.8x for the other bias parts, none for the rest."""
     from bipe.config import PEConfig
     from bipe.encoding import RELATIVE_PARTS
     from bipe.relative import BiasPart, LinearBias

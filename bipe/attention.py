@@ -10,11 +10,12 @@ per kind (`bipe.attention` logger, INFO):
 * `CausalSDPA`, no bias (rotary parts, NoPE, absolute encodings): one
   `scaled_dot_product_attention(is_causal=True)` over the whole sequence, whatever its length:
   PyTorch's fused kernels tile it, so memory grows linearly; a bool mask after cached tokens;
-* `LinearBiasWindows`, a bias linear in the position (`BiasPart.linear_slopes`: ALiBi,
-  BiPE-ALiBi), inference on the CPU from `chunk_size` queries on: `bipe.linear_bias`, fused
-  SDPA with the bias folded into the dot product and each head's far past, whose weight
-  vanishes in float32, left out; faster than the causal SDPA of a rotary part at long lengths
-  (the bench's long-context section), exact to float32 rounding, no `[T, T]` tensor;
+* `FarFieldSDPA`, a bias part that is affine in the distance far from the diagonal
+  (`BiasPart.far_field`: ALiBi, BiPE-ALiBi, T5, BiPE-T5), inference on the CPU from
+  `chunk_size` queries on: `bipe.far_field`, the exact bias near the diagonal, the far field
+  folded into fused SDPA, each head's far past left out where its weight vanishes in float32;
+  exact to float32 rounding, no `[T, T]` tensor, and about as fast as a rotary part's causal
+  SDPA or faster (the bench's long-context section);
 * `BiasFlex`, a bias part, long inputs: `flex_attention`, compiled, with the part's `score_mod`
   over token or segment positions and the causal mask as block sparsity, so no `[H, T, T]`
   tensor exists;
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bipe.linear_bias import linear_bias_attention
+from bipe.far_field import far_field_attention
 from bipe.lm_infinite import lambda_attention, lambda_block
 from bipe.relative import BiasPart, RelativePart, RotaryPart, Rotation
 
@@ -70,10 +71,9 @@ class AttentionOptions:
     `sdpa`; `flex` (compiled `flex_attention`: forward everywhere, backward on GPUs); `auto`
     (default): flex where it runs (not for a gradient on the CPU) and the queries number at
     least `flex_min_length`, below which compiling it (about 20 s per shape on a CPU) does not
-    pay; SDPA otherwise. A bias linear in the position (ALiBi, BiPE-ALiBi) at inference on the
-    CPU past `chunk_size` queries gets `LinearBiasWindows` under `auto` and `sdpa` (SDPA calls,
-    faster there than flex and than a rotary part's causal SDPA). `choose_kernel` applies these
-    rules.
+    pay; SDPA otherwise. A bias with a far field (ALiBi, T5 and their BiPE versions) at
+    inference on the CPU past `chunk_size` queries gets `FarFieldSDPA` under `auto` and `sdpa`
+    (SDPA calls, several times faster there than flex). `choose_kernel` applies these rules.
     """
 
     chunk_size: int | None = 1024
@@ -185,12 +185,12 @@ def choose_kernel(options: AttentionOptions, part: RelativePart | None, *,
         kernel = CausalSDPA()
     elif lm is not None and isinstance(part, RotaryPart):
         kernel = LambdaBlockwise()  # the capped rotation is not a function of the score
-    elif (lm is None and past == 0 and bias and part.linear_slopes() is not None
+    elif (lm is None and past == 0 and bias and part.far_field() is not None
           and device.type == "cpu" and not needs_grad and options.kernel != "flex"
           and options.chunk_size is not None and length > options.chunk_size):
         # Merges partial softmaxes by their log-sum-exp (no backward), with PyTorch's CPU
         # flash kernel; on a GPU flex does the same work with block sparsity.
-        kernel = LinearBiasWindows()
+        kernel = FarFieldSDPA()
     elif _use_flex(options, device, needs_grad, length):
         # A call with attention dropout (training) runs BiasSDPA instead: flex has no dropout.
         what = "no relative part" if part is None else f"{type(part).__name__} as score_mod"
@@ -258,26 +258,26 @@ class BiasSDPA(Kernel):
 
 
 @dataclass(frozen=True)
-class LinearBiasWindows(Kernel):
-    """`bipe.linear_bias.linear_bias_attention` over query blocks of `block` (256 measured
-    fastest at 8k and 32k tokens on a 2-core Xeon, against 128, 512 and 1024)."""
+class FarFieldSDPA(Kernel):
+    """`bipe.far_field.far_field_attention` over query blocks of `block` (256 measured fastest
+    for ALiBi at 8k and 32k tokens on a 2-core Xeon, against 128, 512 and 1024)."""
 
-    name: str = "sdpa, linear bias folded, each head's vanishing far past skipped"
+    name: str = "sdpa, exact bias near the diagonal, far field folded, vanishing past skipped"
     block: int = 256
 
     def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
                dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
-        pos = ctx._once("linear_pos", lambda: (
+        pos = ctx._once("far_field_pos", lambda: (
             ctx.q_pos if ctx.q_pos is not None and bool(
                 (ctx.q_pos[..., 1:] >= ctx.q_pos[..., :-1]).all()) else None))
         why = ("attention dropout" if dropout_p > 0.0 else
                f"{q.dtype}, not float32" if q.dtype != torch.float32 else
                "positions that decrease" if pos is None else None)
-        if why is not None:  # outside what linear_bias_attention is exact for
+        if why is not None:  # outside what far_field_attention is exact for
             fallback = BiasSDPA.of(ctx.options.chunk_size, q.shape[2])
             _log_kernel(f"{fallback.name} ({why})")
             return fallback.attend(ctx, q, k, v, dropout_p=dropout_p)
-        return linear_bias_attention(q, k, v, pos, ctx.bias.linear_slopes(), self.block)
+        return far_field_attention(q, k, v, pos, ctx.bias, self.block)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -51,6 +52,17 @@ def distances(q_pos: Tensor, k_pos: Tensor, cap: int | None = None) -> Tensor:
     """`min(p_i - p_j, cap)`, long `[B or 1, 1, Tq, Tk]`, from `[B or 1, Tq]`, `[B or 1, Tk]`."""
     d = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).unsqueeze(1)
     return d if cap is None else d.clamp(max=cap)
+
+
+@dataclass(frozen=True)
+class FarField:
+    """A bias part's form from distance `start` on: `offset[h] + slope[h] * d` for every
+    distance `d = p_i - p_j >= start` (`offset`, `slope` float `[H]`, `slope <= 0`). ALiBi is
+    affine from 0 (`-m_h d`); T5's buckets are constant from their maximum distance on."""
+
+    start: int
+    offset: Tensor
+    slope: Tensor
 
 
 class Rotation(ABC):
@@ -141,10 +153,11 @@ class BiasPart(RelativePart):
         `q_idx` indexing `q_pos` `[B, Tq]` and `kv_idx` indexing `k_pos` `[B, Tk]` (attention
         passes one row per batch element)."""
 
-    def linear_slopes(self) -> Tensor | None:
-        """Per-head slopes `m` `[H]` (>= 0) when the uncapped bias is exactly `-m_h (p_i - p_j)`,
-        else None (the default). Attention then runs `bipe.linear_bias` on the CPU at inference:
-        the bias folded into the dot product and each head's vanishing far past skipped."""
+    def far_field(self) -> FarField | None:
+        """Where the uncapped bias becomes affine in the distance, if it does (None, the
+        default, where it never does). Attention then runs `bipe.far_field` on the CPU at
+        inference: the exact bias near the diagonal, the affine part folded into fused SDPA,
+        and each head's far past skipped where its weight vanishes in float32."""
         return None
 
 
@@ -160,9 +173,18 @@ class DistanceBias(BiasPart):
         broadcasting (`[B, 1, Tq, Tk]` with `[1, H, 1, 1]`, or 0-d tensors in a score_mod)."""
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, cap: int | None = None) -> Tensor:
-        d = distances(q_pos, k_pos, cap).float()  # (B, 1, Tq, Tk)
-        h = torch.arange(self.n_heads, device=d.device).view(1, -1, 1, 1)
-        return self.distance_bias(d, h).float()
+        d = distances(q_pos, k_pos, cap)  # (B, 1, Tq, Tk)
+        if d.is_floating_point():
+            h = torch.arange(self.n_heads, device=d.device).view(1, -1, 1, 1)
+            return self.distance_bias(d, h).float()
+        # Integer positions: the bias of each distance once, then gathered (a T5 bucket or a
+        # KERPLE log per distance, not per query-key pair).
+        lo, hi = int(d.min()), int(d.max())
+        h = torch.arange(self.n_heads, device=d.device).view(-1, 1)
+        table = self.distance_bias(
+            torch.arange(lo, hi + 1, device=d.device, dtype=torch.float32).view(1, -1), h)
+        gathered = table.float().index_select(1, (d - lo).flatten())  # (H, B * Tq * Tk)
+        return gathered.view(self.n_heads, d.shape[0], *d.shape[2:]).transpose(0, 1)
 
     def score_mod(self, q_pos: Tensor, k_pos: Tensor, cap: int | None = None) -> ScoreMod:
         qb, kb = q_pos.shape[0] > 1, k_pos.shape[0] > 1
@@ -188,5 +210,5 @@ class LinearBias(DistanceBias):
     def distance_bias(self, d: Tensor, h: Tensor) -> Tensor:
         return -self.slopes[h] * d
 
-    def linear_slopes(self) -> Tensor:
-        return self.slopes
+    def far_field(self) -> FarField:
+        return FarField(0, torch.zeros_like(self.slopes), -self.slopes)

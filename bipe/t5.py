@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bipe.errors import ConfigError
-from bipe.relative import DistanceBias
+from bipe.relative import DistanceBias, FarField
 
 NUM_BUCKETS = 32  # pe.relative.num_buckets when null (T5's)
 MAX_DISTANCE = 128  # pe.relative.max_distance when null (T5's)
@@ -58,3 +58,8 @@ class T5Bias(DistanceBias):
 
     def distance_bias(self, d: Tensor, h: Tensor) -> Tensor:
         return self.table[h, t5_bucket(d, self.num_buckets, self.max_distance)]
+
+    def far_field(self) -> FarField:
+        """Every distance from `max_distance` on is in the last bucket: a constant per head."""
+        last = self.table[:, -1].detach()
+        return FarField(self.max_distance, last, torch.zeros_like(last))

@@ -27,9 +27,9 @@ from bipe.attention import (
     BiasFlex,
     BiasSDPA,
     CausalSDPA,
+    FarFieldSDPA,
     LambdaBlockwise,
     LambdaFlex,
-    LinearBiasWindows,
     choose_kernel,
 )
 from bipe.config import NAMED_ENCODINGS, RelativeConfig
@@ -131,8 +131,8 @@ def expected_kernels(part, lm) -> dict[str, type]:
         one = LambdaBlockwise if lm else CausalSDPA
         return {"sdpa": one, "flex": one, "auto": one}
     flex = LambdaFlex if lm else BiasFlex
-    if lm is None and part.linear_slopes() is not None:  # T > chunk_size, no grad, the CPU
-        return {"sdpa": LinearBiasWindows, "flex": flex, "auto": LinearBiasWindows}
+    if lm is None and part.far_field() is not None:  # T > chunk_size, no grad, the CPU
+        return {"sdpa": FarFieldSDPA, "flex": flex, "auto": FarFieldSDPA}
     return {"sdpa": LambdaBlockwise if lm else BiasSDPA, "flex": flex, "auto": flex}
 
 
@@ -218,7 +218,7 @@ def test_cpu_training_never_gets_flex():
     assert isinstance(choose_kernel(auto, part, device=pos.device, needs_grad=True,
                                     length=4096), BiasSDPA)
     assert isinstance(choose_kernel(auto, part, device=pos.device, needs_grad=False,
-                                    length=4096), LinearBiasWindows)
+                                    length=4096), FarFieldSDPA)
     kerple = RELATIVE_PARTS["kerple"](D, H)
     assert isinstance(choose_kernel(auto, kerple, device=pos.device, needs_grad=False,
                                     length=4096), BiasFlex)

@@ -184,7 +184,7 @@ class DistanceBias(BiasPart):
         table = self.distance_bias(
             torch.arange(lo, hi + 1, device=d.device, dtype=torch.float32).view(1, -1), h)
         gathered = table.float().index_select(1, (d - lo).flatten())  # (H, B * Tq * Tk)
-        return gathered.view(self.n_heads, d.shape[0], *d.shape[2:]).transpose(0, 1)
+        return gathered.view(self.n_heads, d.shape[0], *d.shape[2:]).transpose(0, 1).contiguous()
 
     def score_mod(self, q_pos: Tensor, k_pos: Tensor, cap: int | None = None) -> ScoreMod:
         qb, kb = q_pos.shape[0] > 1, k_pos.shape[0] > 1

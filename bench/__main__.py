@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.runner import run
 from bench.settings import PROFILES, SECTIONS
+from bipe.config import NAMED_ENCODINGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("python -m bench: error: --lengths must be positive token counts")
         profile = profile.replace(lc_lengths=tuple(sorted(set(args.lengths))))
     if args.encodings:
-        from bipe.config import NAMED_ENCODINGS
-
         unknown = sorted(set(args.encodings) - set(NAMED_ENCODINGS))
         if unknown:
             raise SystemExit(f"python -m bench: error: --encodings {' '.join(unknown)}: not a "

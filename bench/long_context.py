@@ -36,11 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import bipe.attention as attention
 from bench.contenders import hf_llama, ours
 from bench.report import SectionResult, Table, fmt, ratio
 from bench.settings import Profile, Shape
 from bench.timing import median, rotations, spread
+from bipe.config import PEConfig
+from bipe.encoding import RELATIVE_PARTS
 from bipe.errors import ConfigError
+from bipe.relative import BiasPart, LinearBias
 from evaluation.memory import track_peak_memory
 
 HF = "hf-llama-sdpa"
@@ -120,8 +124,6 @@ def measure_length(job: LengthJob) -> dict[str, Any]:
 def _kernel_names() -> Iterator[list[str]]:
     """The attention kernels chosen during the block (`bipe.attention`'s once-per-kind log
     lines, re-armed here so each contender's are seen)."""
-    import bipe.attention as attention
-
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage().removeprefix(  # type: ignore
@@ -155,10 +157,6 @@ def run_job(job: LengthJob) -> dict[str, Any]:
 def target(pe: str) -> str:
     """The issue's target for an encoding against `rope`: 0.9x for ALiBi's linear bias (and
     BiPE-ALiBi's), 0.8x for the other bias parts, none for the rest."""
-    from bipe.config import PEConfig
-    from bipe.encoding import RELATIVE_PARTS
-    from bipe.relative import BiasPart, LinearBias
-
     part = RELATIVE_PARTS.get(PEConfig.named(pe, max_positions=64).relative.type)
     if part is None or not issubclass(part, BiasPart):
         return "-"

@@ -174,7 +174,7 @@ class DistanceBias(BiasPart):
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, cap: int | None = None) -> Tensor:
         d = distances(q_pos, k_pos, cap)  # (B, 1, Tq, Tk)
-        if d.is_floating_point():
+        if d.is_floating_point() or d.numel() == 0:
             h = torch.arange(self.n_heads, device=d.device).view(1, -1, 1, 1)
             return self.distance_bias(d, h).float()
         # Integer positions: the bias of each distance once, then gathered (a T5 bucket or a

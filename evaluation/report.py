@@ -289,6 +289,43 @@ def comparisons(spec: StudySpec, records: Sequence[Record]) -> tuple[str, list[d
     return markdown(header, rows, left=3), out
 
 
+def compute_line(results: Path, study: str) -> str | None:
+    """What a study's records took: runs (tuning runs among them), core-hours (each run's wall
+    time times its torch threads, summed), the range of minutes per run and the CPUs or GPUs;
+    None without records. A run resumed from a checkpoint recorded only its last process's
+    time, so the total is then a lower bound, and the line says so."""
+    folder = results / study
+    records = [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    timed = [r for r in records if r.data.get("wall_seconds") is not None]
+    if not timed:
+        return None
+    machines: dict[str, int] = {}
+    for r in timed:
+        m = r.data.get("machine") or {}
+        name = m.get("gpu") or m.get("cpu") or "an unrecorded machine"
+        machines[name] = machines.get(name, 0) + 1
+    threads = [int((r.data.get("machine") or {}).get("torch_threads") or 1) for r in timed]
+    hours = sum(float(r.data["wall_seconds"]) * t for r, t in zip(timed, threads, strict=True))
+    minutes = sorted(float(r.data["wall_seconds"]) / 60 for r in timed)
+    tuning = sum("tuning" in r.data.get("stages", ["study"]) for r in records)
+    resumed = sum(r.data.get("resumed_from_step") is not None for r in timed)
+    untimed = len(records) - len(timed)
+    thread_text = (f"{threads[0]} thread{'s' if threads[0] > 1 else ''} each"
+                   if len(set(threads)) == 1 else f"{min(threads)} to {max(threads)} threads")
+    parts = [f"**Compute.** {len(records)} runs" + (f" ({tuning} of them tuning)" if tuning
+                                                     else ""),
+             f"{hours / 3600:.1f} core-hours" + (" at least" if resumed or untimed else ""),
+             f"{minutes[0]:.0f} to {minutes[-1]:.0f} min per run ({thread_text})",
+             "on " + ", ".join(f"{name} ({n})" if len(machines) > 1 else name
+                               for name, n in sorted(machines.items()))]
+    notes = []
+    if resumed:
+        notes.append(f"{resumed} resumed from a checkpoint recorded only the last part")
+    if untimed:
+        notes.append(f"{untimed} without a wall time")
+    return ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+
+
 def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base: Path,
                 draw: bool = True) -> tuple[str, dict[str, Any]]:
     """The README block of one study: table, missing cells, comparisons, figure link (relative
@@ -318,6 +355,9 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
                   f"failed; `studies/{spec.name}/<run>/train.log` says which): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
     lines += grid_lines
+    compute = compute_line(results, spec.name)
+    if compute:
+        lines += [compute, ""]
     comp, verdicts = comparisons(spec, records)
     if spec.claims:
         lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
@@ -498,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     conf, figures = ROOT / "conf", args.results / "figures"
+    if not args.readme.is_file():
+        print(f"error: --readme {args.readme} does not exist; name the README.md whose "
+              "<!-- report:... --> blocks to fill", file=sys.stderr)
+        return 2
     try:
         if args.check:
             problems = check(args.readme, args.results, conf, figures)

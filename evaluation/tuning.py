@@ -122,7 +122,7 @@ def load_record_runs(folder: Path, metric: str | None = None
     for r in records:
         if LR_KEY not in r.cell:
             raise DataError(f"{r.path} does not name {LR_KEY} in its cell; add it to study.cell")
-        runs.append({"job": str(r.path), "seed": r.seed,
+        runs.append({"job": str(r.path), "metrics_file": str(r.path), "seed": r.seed,
                      "overrides": {k: format_value(v) for k, v in r.cell.items()},
                      "metrics": {k: (float("nan") if v is None else v)
                                  for k, v in r.metrics.items()}})
@@ -151,7 +151,8 @@ def choose(metric: str, runs: Sequence[dict[str, Any]],
         if run["metrics"] is None:
             continue
         if metric not in run["metrics"]:
-            raise DataError(f"{run['job']}/metrics.json has no {metric}; it has "
+            where = run.get("metrics_file", f"{run['job']}/metrics.json")
+            raise DataError(f"{where} has no {metric}; it has "
                             f"{', '.join(sorted(run['metrics']))}")
         cell = Cell.of(run["overrides"], drop=[LR_KEY])
         lr = float(run["overrides"][LR_KEY])

@@ -3,12 +3,14 @@ README's generated blocks reproduced exactly, and `--check` catching every disag
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bipe.errors import DataError
 from evaluation import report
 from evaluation.records import Record, read_record, record_name, write_record
 from evaluation.stats import Spread
@@ -158,3 +160,42 @@ def test_records_read_back_as_written(tmp_path):
     assert isinstance(record, Record) and record.seed == 1 and record.cell == {"pe": "rope"}
     assert record.metrics["val/loss"] is None  # JSON has no NaN: a diverged run reads as NaN
     assert record.metric("val/loss") != record.metric("val/loss")
+
+
+def test_each_study_says_what_its_records_took(tmp_path):
+    xeon = {"cpu": "Xeon", "torch_threads": 1}
+    for seed, minutes in enumerate([10, 20, 30]):
+        path = put(tmp_path, "text_sweep", {"pe": "rope", "optim.lr": 0.003}, seed,
+                   {"eval/ppl_1x": 100.0, "val/loss": 4.5},
+                   stages=("tuning", "study") if seed == 0 else ("study",))
+        data = read_record(path).data
+        write_record(path, {**data, "wall_seconds": minutes * 60.0, "machine": xeon})
+    assert report.compute_line(tmp_path, "text_sweep") == (
+        "**Compute.** 3 runs (1 of them tuning), 1.0 core-hours, 10 to 30 min per run (1 thread "
+        "each), on Xeon.")
+    data = read_record(path).data  # seed 2, resumed on a 2-thread GPU machine
+    write_record(path, {**data, "resumed_from_step": 400,
+                        "machine": {"cpu": "EPYC", "gpu": "H100", "torch_threads": 2}})
+    line = report.compute_line(tmp_path, "text_sweep")
+    assert line is not None and "1.5 core-hours at least" in line  # 10 + 20 + 2 x 30 minutes
+    assert "1 to 2 threads" in line and "H100 (1), Xeon (2)" in line
+    assert "1 resumed from a checkpoint recorded only the last part" in line
+    assert report.compute_line(tmp_path, "bi_nfa_sweep") is None
+    block, _ = report.study_block(report.STUDIES["text_sweep"], tmp_path, CONF,
+                                  tmp_path / "figures", tmp_path, draw=False)
+    assert line in block
+
+
+def test_a_missing_readme_is_one_line_and_status_2(tmp_path, capsys):
+    assert report.main(["--readme", str(tmp_path / "README.md"), "--results",
+                        str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--readme" in err and "does not exist" in err
+
+
+def test_a_tuning_record_without_the_metric_is_named_as_the_record(tmp_path):
+    path = put(tmp_path, "text_sweep", {"pe": "rope", "optim.lr": 0.003}, 0,
+               {"eval/ppl_1x": 100.0}, stages=("tuning",))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} has no val/loss; it has "
+                                        "eval/ppl_1x$"):
+        report.tuning_table(tmp_path, "text_sweep")

@@ -226,7 +226,10 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1
 
 
 def _row_key(spec: StudySpec, r: Record) -> tuple[Any, ...]:
-    return tuple(r.cell.get(k) for k in spec.rows) + (r.cell.get("optim.lr"),)
+    """A table row: the spec's row keys and the learning rate (swept, or else the one the run's
+    definition fixed)."""
+    lr = r.cell.get("optim.lr", (r.data.get("definition") or {}).get("optim.lr"))
+    return tuple(r.cell.get(k) for k in spec.rows) + (lr,)
 
 
 def _order(spec: StudySpec, key: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -345,9 +348,10 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     seeds = sorted({len([r for r in records if _row_key(spec, r) == _row_key(spec, x)])
                     for x in records})
     count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
-    lines = [f"**{spec.title}.** Mean ± half-width of the 95% interval over the seeds of each "
-             f"row ({count}; Student's t; a row of one seed shows its value alone). "
-             f"{len(records)} records in `results/{spec.name}/`."
+    spread = ("One seed per row: its values, with no interval. " if seeds == [1] else
+              "Mean ± half-width of the 95% interval over the seeds of each row "
+              f"({count}; Student's t; a row of one seed shows its value alone). ")
+    lines = [f"**{spec.title}.** {spread}{len(records)} records in `results/{spec.name}/`."
              + (f" {spec.note}" if spec.note else ""), "", table, ""]
     missing = missing_cells(records, expected_cells(spec.name, conf))
     if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,8 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from bipe.io import atomic_write  # noqa: E402
 from evaluation.stats import Spread  # noqa: E402
+
+MARKERS = "os^Dv<>pP*hX"
 
 
 def _save(fig: plt.Figure, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -61,16 +64,19 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
     Variants of one model (`rope`, `rope+lminf`, `rope+yarn4`) share its colour; a variant is
     dashed, so the effect of LM-Infinite or scaling reads as the gap between two lines.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colours: dict[str, str] = {}
+    bases = sorted({label.split("+")[0] for label in curves})
+    many = len(bases) > 10  # past the default cycle: 20 colours and a marker per model
+    fig, ax = plt.subplots(figsize=(8.4, 4.6) if many else (6.4, 4.2))
+    palette = plt.get_cmap("tab20").colors if many else [f"C{i}" for i in range(10)]
+    style = {b: (palette[i % len(palette)], MARKERS[i % len(MARKERS)] if many else "o")
+             for i, b in enumerate(bases)}
     values: list[float] = []
     for label, points in sorted(curves.items()):
         spreads = [(x, as_spread(y)) for x, y in sorted(points, key=lambda p: p[0])]
         xs = [x for x, _ in spreads]
         ys = [s.mean for _, s in spreads]
-        base = label.split("+")[0]
-        colour = colours.setdefault(base, f"C{len(colours) % 10}")
-        ax.plot(xs, ys, marker="o", label=label, color=colour,
+        colour, marker = style[label.split("+")[0]]
+        ax.plot(xs, ys, marker=marker, label=label, color=colour,
                 linestyle="--" if "+" in label else "-")
         values += ys
         if any(s.n > 1 for _, s in spreads):
@@ -86,9 +92,12 @@ def plot_ppl_vs_length(curves: dict[str, list[tuple[int, Spread | float]]],
     _label_log_axis(ax, values)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path, metadata)
     return Path(path)

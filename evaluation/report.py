@@ -292,11 +292,12 @@ def comparisons(spec: StudySpec, records: Sequence[Record]) -> tuple[str, list[d
     return markdown(header, rows, left=3), out
 
 
-def compute_line(results: Path, study: str) -> str | None:
+def compute_line(results: Path, study: str, missing: int = 0) -> str | None:
     """What a study's records took: runs (tuning runs among them), core-hours (each run's wall
     time times its torch threads, summed), the range of minutes per run and the CPUs or GPUs;
     None without records. A run resumed from a checkpoint recorded only its last process's
-    time, so the total is then a lower bound, and the line says so."""
+    time, so the total is then a lower bound, and the line says so. With `missing` runs still
+    to make, it estimates their core-hours at the median run so far."""
     folder = results / study
     records = [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     timed = [r for r in records if r.data.get("wall_seconds") is not None]
@@ -326,7 +327,13 @@ def compute_line(results: Path, study: str) -> str | None:
         notes.append(f"{resumed} resumed from a checkpoint recorded only the last part")
     if untimed:
         notes.append(f"{untimed} without a wall time")
-    return ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+    line = ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+    if missing:
+        per_run = sorted(float(r.data["wall_seconds"]) * t
+                         for r, t in zip(timed, threads, strict=True))[len(timed) // 2]
+        line += (f" The {missing} runs not yet recorded need about "
+                 f"{missing * per_run / 3600:.1f} core-hours more at the median run so far.")
+    return line
 
 
 def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base: Path,
@@ -359,7 +366,7 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
                   f"failed; `studies/{spec.name}/<run>/train.log` says which): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
     lines += grid_lines
-    compute = compute_line(results, spec.name)
+    compute = compute_line(results, spec.name, len(missing))
     if compute:
         lines += [compute, ""]
     comp, verdicts = comparisons(spec, records)

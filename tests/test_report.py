@@ -180,6 +180,8 @@ def test_each_study_says_what_its_records_took(tmp_path):
     assert line is not None and "1.5 core-hours at least" in line  # 10 + 20 + 2 x 30 minutes
     assert "1 to 2 threads" in line and "H100 (1), Xeon (2)" in line
     assert "1 resumed from a checkpoint recorded only the last part" in line
+    assert report.compute_line(tmp_path, "text_sweep", missing=4).endswith(
+        "The 4 runs not yet recorded need about 1.3 core-hours more at the median run so far.")
     assert report.compute_line(tmp_path, "bi_nfa_sweep") is None
     block, _ = report.study_block(report.STUDIES["text_sweep"], tmp_path, CONF,
                                   tmp_path / "figures", tmp_path, draw=False)

@@ -309,16 +309,18 @@ def compute_line(results: Path, study: str, missing: int = 0) -> str | None:
         name = m.get("gpu") or m.get("cpu") or "an unrecorded machine"
         machines[name] = machines.get(name, 0) + 1
     threads = [int((r.data.get("machine") or {}).get("torch_threads") or 1) for r in timed]
-    hours = sum(float(r.data["wall_seconds"]) * t for r, t in zip(timed, threads, strict=True))
+    core_seconds = sorted(float(r.data["wall_seconds"]) * t
+                          for r, t in zip(timed, threads, strict=True))
     minutes = sorted(float(r.data["wall_seconds"]) / 60 for r in timed)
     tuning = sum("tuning" in r.data.get("stages", ["study"]) for r in records)
     resumed = sum(r.data.get("resumed_from_step") is not None for r in timed)
     untimed = len(records) - len(timed)
     thread_text = (f"{threads[0]} thread{'s' if threads[0] > 1 else ''} each"
                    if len(set(threads)) == 1 else f"{min(threads)} to {max(threads)} threads")
+    lower_bound = " at least" if resumed or untimed else ""
     parts = [f"**Compute.** {len(records)} runs" + (f" ({tuning} of them tuning)" if tuning
                                                      else ""),
-             f"{hours / 3600:.1f} core-hours" + (" at least" if resumed or untimed else ""),
+             f"{sum(core_seconds) / 3600:.1f} core-hours{lower_bound}",
              f"{minutes[0]:.0f} to {minutes[-1]:.0f} min per run ({thread_text})",
              "on " + ", ".join(f"{name} ({n})" if len(machines) > 1 else name
                                for name, n in sorted(machines.items()))]
@@ -329,10 +331,9 @@ def compute_line(results: Path, study: str, missing: int = 0) -> str | None:
         notes.append(f"{untimed} without a wall time")
     line = ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
     if missing:
-        per_run = sorted(float(r.data["wall_seconds"]) * t
-                         for r, t in zip(timed, threads, strict=True))[len(timed) // 2]
+        median = core_seconds[len(core_seconds) // 2]
         line += (f" The {missing} runs not yet recorded need about "
-                 f"{missing * per_run / 3600:.1f} core-hours more at the median run so far.")
+                 f"{missing * median / 3600:.1f} core-hours more at the median run so far.")
     return line
 
 

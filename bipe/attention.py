@@ -87,6 +87,13 @@ class AttentionOptions:
                              f"{KERNELS}")
 
 
+def log_kernels_again() -> None:
+    """Forget which kernels were logged, so each is logged again when next chosen. A job calls
+    it first (`training.job.run_job`): a sweep's worker process runs several jobs, each with its
+    own log file, and each log must name the kernels its run used."""
+    _LOGGED.clear()
+
+
 def _log_kernel(what: str) -> None:
     if what not in _LOGGED:
         _LOGGED.add(what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import types
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bipe.attention import AttentionOptions, choose_kernel
 from bipe.errors import ConfigError
 from evaluation.wandb_runs import api_key_configured, resolve_mode
 from models import ModelConfig
@@ -125,6 +127,19 @@ def test_run_job_finishes_wandb_after_success_and_failure(fake_wandb):
     with pytest.raises(RuntimeError):
         run_job(crash, None)
     assert fake_wandb == [0, 1]
+
+
+def test_each_job_of_a_reused_worker_logs_its_attention_kernel(fake_wandb, caplog):
+    caplog.set_level(logging.INFO, logger="bipe.attention")
+
+    def job(cfg):  # the kernel is logged once per kind, at its first use in a process
+        for _ in range(2):
+            choose_kernel(AttentionOptions(), None, device=torch.device("cpu"),
+                          needs_grad=True, length=8)
+
+    run_job(job, None)
+    run_job(job, None)  # a sweep's second job in the same process: its train.log names it too
+    assert caplog.messages.count("attention kernel: sdpa causal") == 2
 
 
 def test_run_job_turns_a_bipe_error_into_one_line_and_status_2(fake_wandb, capsys):

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from bipe.attention import log_kernels_again
 from bipe.errors import ENVIRONMENT_ERRNOS, BipeError, environment_cause, first_line
 from evaluation.wandb_runs import finish_wandb
 from training.interrupted import TrainingStopped
@@ -85,6 +86,7 @@ def run_job(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     the next job of a sweep never logs into this one's run.
     """
     failed = True
+    log_kernels_again()
     try:
         result = fn(cfg)
         failed = False

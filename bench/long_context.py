@@ -128,7 +128,7 @@ def _kernel_names() -> Iterator[list[str]]:
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage().removeprefix(  # type: ignore
         "attention kernel: "))
-    saved, attention._LOGGED = attention._LOGGED, set()
+    attention.log_kernels_again()
     logger = logging.getLogger("bipe.attention")
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -138,7 +138,6 @@ def _kernel_names() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        attention._LOGGED = saved
 
 
 def run_job(job: LengthJob) -> dict[str, Any]:

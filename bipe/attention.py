@@ -264,6 +264,14 @@ class BiasSDPA(Kernel):
         return torch.cat(out, dim=2)
 
 
+def _explicit_bias(ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+                   chunk_size: int | None, why: str) -> Tensor:
+    """A call outside a kernel's domain: SDPA with the part's explicit bias, logged with why."""
+    fallback = BiasSDPA.of(chunk_size, q.shape[2])
+    _log_kernel(f"{fallback.name} ({why})")
+    return fallback.attend(ctx, q, k, v, dropout_p=dropout_p)
+
+
 @dataclass(frozen=True)
 class FarFieldSDPA(Kernel):
     """`bipe.far_field.far_field_attention` over query blocks of `block` (256 measured fastest
@@ -281,9 +289,7 @@ class FarFieldSDPA(Kernel):
                f"{q.dtype}, not float32" if q.dtype != torch.float32 else
                "positions that decrease" if pos is None else None)
         if why is not None:  # outside what far_field_attention is exact for
-            fallback = BiasSDPA.of(ctx.options.chunk_size, q.shape[2])
-            _log_kernel(f"{fallback.name} ({why})")
-            return fallback.attend(ctx, q, k, v, dropout_p=dropout_p)
+            return _explicit_bias(ctx, q, k, v, dropout_p, ctx.options.chunk_size, why)
         return far_field_attention(q, k, v, pos, ctx.bias, self.block)
 
 
@@ -295,9 +301,7 @@ class BiasFlex(Kernel):
     def attend(self, ctx: AttentionContext, q: Tensor, k: Tensor, v: Tensor, *,
                dropout_p: float = 0.0, cache: Any = None, layer: int = 0) -> Tensor:
         if dropout_p > 0.0:  # flex_attention has no attention dropout: SDPA does those calls
-            fallback = BiasSDPA.of(self.chunk_size, q.shape[2])
-            _log_kernel(f"{fallback.name} (attention dropout)")
-            return fallback.attend(ctx, q, k, v, dropout_p=dropout_p)
+            return _explicit_bias(ctx, q, k, v, dropout_p, self.chunk_size, "attention dropout")
         B = q.shape[0]
         bm = ctx._once("block_mask", lambda: block_mask(q.shape[2], k.shape[2], ctx.past,
                                                         device=q.device))

@@ -11,7 +11,7 @@ import torch
 
 from bipe import AttentionOptions, PEConfig
 from bipe.alibi import ALiBi
-from bipe.attention import AttentionContext, BiasSDPA, FarFieldSDPA
+from bipe.attention import AttentionContext, BiasFlex, BiasSDPA, FarFieldSDPA
 from bipe.far_field import far_field_attention, reach
 from bipe.positions import bilevel_ids
 from bipe.relative import LinearBias
@@ -138,3 +138,23 @@ def test_outside_its_domain_the_explicit_bias_runs_instead(caplog, monkeypatch):
             got = ctx.attend(*x)
         assert why in caplog.text
         assert torch.equal(got, BiasSDPA.of(64, 300).attend(ctx, *x))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kernel", [FarFieldSDPA(), BiasFlex("flex", 64)])
+def test_attention_dropout_runs_on_the_explicit_bias(kernel, caplog, monkeypatch):
+    """Neither the far-field fold nor flex has attention dropout: such a call is SDPA with the
+    explicit bias (the same dropout draws), and the log says why."""
+    monkeypatch.setattr("bipe.attention._LOGGED", set())
+    part = LinearBias(torch.tensor([0.5, 0.1]))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 300, D, generator=g) for _ in range(3))
+    pos = torch.arange(300)[None]
+    ctx = AttentionContext(past=0, length=300, q_pos=pos, k_pos=pos,
+                           options=AttentionOptions(chunk_size=64), part=part)
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="bipe.attention"):
+        got = kernel.attend(ctx, q, k, v, dropout_p=0.3)
+    assert "(attention dropout)" in caplog.text
+    torch.manual_seed(0)
+    assert torch.equal(got, BiasSDPA.of(64, 300).attend(ctx, q, k, v, dropout_p=0.3))

@@ -146,12 +146,14 @@ def study_records(results: Path, study: str, stage: str = "study") -> list[Recor
     return [r for r in records if stage in r.data.get("stages", ["study"])]
 
 
-def tuning_table(results: Path, study: str) -> str | None:
-    """The study's learning-rate grid from its tuning records (`evaluation.tuning`), or None."""
+def tuning_table(results: Path, study: str) -> tuple[str, set[str]] | None:
+    """The study's learning-rate grid from its tuning records (`evaluation.tuning`) and the
+    encodings whose chosen rate is at the grid's edge, or None without tuning records."""
     if not study_records(results, study, "tuning"):
         return None
     metric, runs = load_record_runs(results / study)
-    return format_table(metric, choose(metric, runs, study_grid(study)))
+    chosen = choose(metric, runs, study_grid(study))
+    return format_table(metric, chosen), {str(r.cell.get("pe")) for r in chosen if r.at_edge}
 
 
 def has(record: Record, metric: str) -> bool:
@@ -204,11 +206,14 @@ def fmt(spread: Spread | None, percent: bool, signed: bool = False) -> str:
     if spread is None:
         return "-"
     scale, digits = (100.0, 1) if percent else (1.0, 2)
+    half = scale * spread.ci95
+    if spread.n >= 2 and 0 < half < 0.5 * 10 ** -digits:  # shown as 0.00: two significant
+        digits = 1 - math.floor(math.log10(half))          # digits of the interval instead
     sign = "+" if signed else ""
     mean = f"{scale * spread.mean:{sign}.{digits}f}"
     if spread.n < 2:
         return mean
-    return f"{mean} ± {scale * spread.ci95:.{digits}f}"
+    return f"{mean} ± {half:.{digits}f}"
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -342,7 +347,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     """The README block of one study: table, missing cells, comparisons, figure link (relative
     to `base`, the README's folder); the figure is drawn when `draw`."""
     records = study_records(results, spec.name)
-    grid = tuning_table(results, spec.name)
+    tuning = tuning_table(results, spec.name)
+    grid, at_edge = tuning if tuning is not None else (None, set())
     grid_lines = [] if grid is None else [
         "Learning rates: the tuning grid's validation metric at each rate (seed 0; the study "
         f"runs each encoding at its chosen rate, `conf/tuned/{spec.name}/`):", "", "```", grid,
@@ -378,7 +384,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     if figure is not None:
         link = Path(os.path.relpath(figure, base)).as_posix()
         lines += [f"![{spec.name}]({link})", ""]
-    return "\n".join(lines), {"numbers": numbers, "verdicts": verdicts, "records": records}
+    return "\n".join(lines), {"numbers": numbers, "verdicts": verdicts, "records": records,
+                              "at_edge": at_edge}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +494,12 @@ def paper_block(done: dict[str, dict[str, Any]]) -> str:
                            and g["claim"].metric.startswith("growth_")), None)
             if growth is not None and growth["pair"].diff is not None:
                 evidence += (f"; growth {growth['claim'].metric.removeprefix('growth_')}/1x: "
-                             f"{growth['verdict']}")
+                             f"{growth['verdict']} ({fmt(growth['pair'].diff, False, True)})")
+        edge = sorted({c.a, c.b} & done[study].get("at_edge", set()))
+        if edge:
+            evidence += ("; " if evidence else "") + (
+                f"tuned rate of {' and '.join(edge)} at the edge of its grid: widen the grid "
+                "before citing")
         rows.append([claim, paper, ours, v["verdict"], evidence])
     for claim, paper, why in NOT_STUDIED:
         rows.append([claim, paper, "-", "not run", why])

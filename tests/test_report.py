@@ -201,3 +201,31 @@ def test_a_tuning_record_without_the_metric_is_named_as_the_record(tmp_path):
     with pytest.raises(DataError, match=f"^{re.escape(str(path))} has no val/loss; it has "
                                         "eval/ppl_1x$"):
         report.tuning_table(tmp_path, "text_sweep")
+
+
+def test_an_interval_below_the_shown_precision_gets_two_significant_digits():
+    def spread(mean, half):
+        return Spread(mean=mean, std=half, ci95=half, n=5, min=mean - half, max=mean + half)
+
+    assert report.fmt(spread(2.1712, 0.0712), False) == "2.17 ± 0.07"
+    assert report.fmt(spread(0.98724, 0.00128), False) == "0.9872 ± 0.0013"
+    assert report.fmt(spread(0.00178, 0.00152), False, signed=True) == "+0.0018 ± 0.0015"
+    assert report.fmt(spread(0.99, 0.0), False) == "0.99 ± 0.00"  # no spread: nothing to show
+    assert report.fmt(spread(0.974, 0.0004), True) == "97.400 ± 0.040"
+
+
+def test_a_rate_at_the_edge_of_its_grid_is_named_beside_the_verdict(tmp_path):
+    for seed in range(3):
+        text(tmp_path, "alibi", seed, {1: 200.0 + seed, 8: 201.0 + seed})
+        text(tmp_path, "bipe_alibi", seed, {1: 150.0 + seed, 8: 160.0 + seed})
+    for lr, loss in ((0.0015, 3.0), (0.006, 5.0)):  # bipe_alibi's best: the grid's lowest rate
+        put(tmp_path, "text_sweep", {"pe": "bipe_alibi", "optim.lr": lr}, 0, {"val/loss": loss},
+            stages=("tuning",))
+    _, done = report.blocks(tmp_path, CONF, tmp_path / "figures", tmp_path, draw=False)
+    assert done["text_sweep"]["at_edge"] == {"bipe_alibi"}
+    row = next(line for line in report.paper_block(done).splitlines()
+               if "Text past the training length: BiPE-ALiBi beats ALiBi" in line)
+    assert "reproduced" in row and "tuned rate of bipe_alibi at the edge of its grid" in row
+    row = next(line for line in report.paper_block(done).splitlines()
+               if "Text past the training length: BiPE-RoPE" in line)
+    assert "edge" not in row

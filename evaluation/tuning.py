@@ -15,7 +15,9 @@ loss or perplexity, highest otherwise. A best value on the edge of the grid is f
 optimum may lie outside it. A job that failed or has not finished is named, and a grid with a
 hole is reported as incomplete: `--write` refuses it, since the missing point might be the
 best. `--write DIR` stores each best as `DIR/<pe>.yaml`, which `conf/train.yaml` loads for
-`experiment=<DIR's name>`.
+`experiment=<DIR's name>`. `--pe NAME ...` keeps only those encodings: after widening the grid
+for the ones whose best sat on its edge, their files can be rewritten before the others' new
+points are run.
 """
 
 from __future__ import annotations
@@ -235,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, default=None, metavar="DIR",
                         help="write DIR/<pe>.yaml with each encoding's best lr "
                              "(e.g. conf/tuned/arithmetic_sweep)")
+    parser.add_argument("--pe", nargs="+", default=None, metavar="NAME",
+                        help="only these encodings, e.g. the ones whose grid was widened (the "
+                             "others' grids may then be incomplete)")
     args = parser.parse_args(argv)
     try:
         grid: list[float] = []
@@ -244,6 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             metric, runs = load_runs(args.sweep_dir)
         results = choose(metric, runs, grid)
+        if args.pe is not None:
+            unknown = sorted(set(args.pe) - {str(r.cell.get("pe")) for r in results})
+            if unknown:
+                raise DataError(f"--pe {' '.join(unknown)}: no tuning runs of that encoding in "
+                                f"{args.sweep_dir}")
+            results = [r for r in results if r.cell.get("pe") in args.pe]
         print(format_table(metric, results))
         print(f"{len(runs)} runs in {args.sweep_dir}")
         if args.write is not None:

@@ -14,6 +14,7 @@ from bipe.errors import DataError
 from evaluation import report
 from evaluation.records import Record, read_record, record_name, write_record
 from evaluation.stats import Spread
+from evaluation.tuning import study_grid
 from evaluation.verdicts import NOT_SHOWN, REPRODUCED, REVERSED, seeds_to_resolve, verdict
 from tests.conftest import ROOT
 
@@ -125,11 +126,11 @@ def test_the_readme_blocks_are_regenerated_exactly_and_check_catches_changes(tmp
     first = readme.read_text()
     assert "| bipe_alibi" in first and "reproduced" in first and "| 0.01 " not in first
     grid = first[first.index("val/loss by learning rate"):].splitlines()
-    # the grid of conf/hparams_search/text_lr.yaml (1.5e-3, 3e-3, 6e-3) and the run at 1e-2
+    # the grid of conf/hparams_search/text_lr.yaml (7.5e-4 to 6e-3) and the run at 1e-2
     assert grid[2].split()[:4] == ["bipe_rope", "4*", "-", "0.003"]
-    assert "(incomplete: no run at 0.0015, 0.006, 0.01)" in grid[2]
+    assert "(incomplete: no run at 0.00075, 0.0015, 0.006, 0.01)" in grid[2]
     assert grid[3].split()[:4] == ["rope", "4*", "5", "0.003"]
-    assert "(incomplete: no run at 0.0015, 0.006)" in grid[3]
+    assert "(incomplete: no run at 0.00075, 0.0015, 0.006)" in grid[3]
     assert ("| rope      | 0.003 |     3 | 101.00 ± 2.48 | 120.00 ± 0.00 | 301.00 ± 2.48 |  2.98 ± "
             "0.05x |") in first
     assert "Not yet recorded" in first and "`pe=alibi,seed=0`" in first
@@ -218,7 +219,8 @@ def test_a_rate_at_the_edge_of_its_grid_is_named_beside_the_verdict(tmp_path):
     for seed in range(3):
         text(tmp_path, "alibi", seed, {1: 200.0 + seed, 8: 201.0 + seed})
         text(tmp_path, "bipe_alibi", seed, {1: 150.0 + seed, 8: 160.0 + seed})
-    for lr, loss in ((0.0015, 3.0), (0.006, 5.0)):  # bipe_alibi's best: the grid's lowest rate
+    grid = study_grid("text_sweep")
+    for lr, loss in ((min(grid), 3.0), (max(grid), 5.0)):  # bipe_alibi's best: the lowest rate
         put(tmp_path, "text_sweep", {"pe": "bipe_alibi", "optim.lr": lr}, 0, {"val/loss": loss},
             stages=("tuning",))
     _, done = report.blocks(tmp_path, CONF, tmp_path / "figures", tmp_path, draw=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bipe.errors import DataError
-from evaluation.tuning import choose, load_runs, minimise, write_tuned
+from evaluation.tuning import choose, load_runs, main, minimise, write_tuned
 from tests.conftest import ROOT
 
 # pe -> lr -> validation losses of seeds 0 and 1
@@ -101,3 +101,18 @@ def test_a_failed_grid_point_is_named_and_the_grid_is_incomplete(tmp_path, capsy
     assert not rope.at_edge  # 0.003 is inside the grid the sweep was given, not its edge
     with pytest.raises(DataError, match="incomplete .*rope.* at lr 0.01"):
         write_tuned(tmp_path / "tuned", sweep, metric, [rope])
+
+
+def test_a_grid_widened_for_some_encodings_writes_those_alone(tmp_path, capsys):
+    # bipe_rope's best sat at the low edge, so its grid got 3e-4; rope's did not
+    grid = {"rope": GRID["rope"], "bipe_rope": {0.0003: [1.5, 1.5], **GRID["bipe_rope"]}}
+    sweep = make_sweep(tmp_path / "sweep", grid)
+    out = tmp_path / "tuned"
+    assert main([str(sweep), "--write", str(out)]) == 2  # rope has no run at 3e-4
+    assert "incomplete" in capsys.readouterr().err and not out.exists()
+    assert main([str(sweep), "--write", str(out), "--pe", "bipe_rope"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bipe_rope.yaml"]
+    written = (out / "bipe_rope.yaml").read_text()
+    assert "lr: 0.001" in written and "edge" not in written  # 1e-3 is inside the widened grid
+    assert main([str(sweep), "--pe", "xpos"]) == 2
+    assert capsys.readouterr().err.startswith("error: --pe xpos: no tuning runs")

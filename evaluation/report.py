@@ -136,14 +136,21 @@ STUDIES = {
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def study_records(results: Path, study: str, stage: str = "study") -> list[Record]:
-    """The records of a study that serve `stage` (`study`: the study itself; `tuning`: its
-    learning-rate grid); [] when there are none yet."""
+def all_records(results: Path, study: str) -> list[Record]:
+    """Every record of a study, the tuning grid's among them; [] when there are none yet."""
     folder = results / study
-    if not folder.is_dir():
-        return []
-    records = [read_record(p) for p in sorted(folder.glob("*.json"))]
+    return [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def serving(records: Sequence[Record], stage: str) -> list[Record]:
+    """The records that serve `stage` (`study`: the study itself; `tuning`: its learning-rate
+    grid; one run can serve both)."""
     return [r for r in records if stage in r.data.get("stages", ["study"])]
+
+
+def study_records(results: Path, study: str, stage: str = "study") -> list[Record]:
+    """The records of a study that serve `stage`; [] when there are none yet."""
+    return serving(all_records(results, study), stage)
 
 
 def tuning_table(results: Path, study: str) -> tuple[str, set[str]] | None:
@@ -297,14 +304,13 @@ def comparisons(spec: StudySpec, records: Sequence[Record]) -> tuple[str, list[d
     return markdown(header, rows, left=3), out
 
 
-def compute_line(results: Path, study: str, missing: int = 0) -> str | None:
-    """What a study's records took: runs (tuning runs among them), core-hours (each run's wall
-    time times its torch threads, summed), the range of minutes per run and the CPUs or GPUs;
-    None without records. A run resumed from a checkpoint recorded only its last process's
-    time, so the total is then a lower bound, and the line says so. With `missing` runs still
-    to make, it estimates their core-hours at the median run so far."""
-    folder = results / study
-    records = [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+def compute_line(records: Sequence[Record], missing: int = 0) -> str | None:
+    """What a study's records (all of them, tuning included) took: runs (tuning runs among
+    them), core-hours (each run's wall time times its torch threads, summed), the range of
+    minutes per run and the CPUs or GPUs; None without records. A run resumed from a checkpoint
+    recorded only its last process's time, so the total is then a lower bound, and the line
+    says so. With `missing` runs still to make, it estimates their core-hours at the median run
+    so far."""
     timed = [r for r in records if r.data.get("wall_seconds") is not None]
     if not timed:
         return None
@@ -346,7 +352,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
                 draw: bool = True) -> tuple[str, dict[str, Any]]:
     """The README block of one study: table, missing cells, comparisons, figure link (relative
     to `base`, the README's folder); the figure is drawn when `draw`."""
-    records = study_records(results, spec.name)
+    everything = all_records(results, spec.name)
+    records = serving(everything, "study")
     tuning = tuning_table(results, spec.name)
     grid, at_edge = tuning if tuning is not None else (None, set())
     grid_lines = [] if grid is None else [
@@ -373,7 +380,7 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
                   f"failed; `studies/{spec.name}/<run>/train.log` says which): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
     lines += grid_lines
-    compute = compute_line(results, spec.name, len(missing))
+    compute = compute_line(everything, len(missing))
     if compute:
         lines += [compute, ""]
     comp, verdicts = comparisons(spec, records)

@@ -171,19 +171,19 @@ def test_each_study_says_what_its_records_took(tmp_path):
                    stages=("tuning", "study") if seed == 0 else ("study",))
         data = read_record(path).data
         write_record(path, {**data, "wall_seconds": minutes * 60.0, "machine": xeon})
-    assert report.compute_line(tmp_path, "text_sweep") == (
+    assert report.compute_line(report.all_records(tmp_path, "text_sweep")) == (
         "**Compute.** 3 runs (1 of them tuning), 1.0 core-hours, 10 to 30 min per run (1 thread "
         "each), on Xeon.")
     data = read_record(path).data  # seed 2, resumed on a 2-thread GPU machine
     write_record(path, {**data, "resumed_from_step": 400,
                         "machine": {"cpu": "EPYC", "gpu": "H100", "torch_threads": 2}})
-    line = report.compute_line(tmp_path, "text_sweep")
+    line = report.compute_line(report.all_records(tmp_path, "text_sweep"))
     assert line is not None and "1.5 core-hours at least" in line  # 10 + 20 + 2 x 30 minutes
     assert "1 to 2 threads" in line and "H100 (1), Xeon (2)" in line
     assert "1 resumed from a checkpoint recorded only the last part" in line
-    assert report.compute_line(tmp_path, "text_sweep", missing=4).endswith(
+    assert report.compute_line(report.all_records(tmp_path, "text_sweep"), missing=4).endswith(
         "The 4 runs not yet recorded need about 1.3 core-hours more at the median run so far.")
-    assert report.compute_line(tmp_path, "bi_nfa_sweep") is None
+    assert report.compute_line(report.all_records(tmp_path, "bi_nfa_sweep")) is None
     block, _ = report.study_block(report.STUDIES["text_sweep"], tmp_path, CONF,
                                   tmp_path / "figures", tmp_path, draw=False)
     assert line in block

@@ -213,6 +213,19 @@ def read_record(path: Path) -> Record:
     return Record(path, data)
 
 
+def all_records(results: Path, study: str) -> list[Record]:
+    """Every record of a study in `results/<study>/`, the tuning grid's among them (sorted by
+    file name); [] when there are none yet."""
+    folder = results / study
+    return [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def serving(records: Iterable[Record], stage: str) -> list[Record]:
+    """The records that serve `stage` (`study`: the study itself; `tuning`: its learning-rate
+    grid; one run can serve both)."""
+    return [r for r in records if stage in r.data.get("stages", ["study"])]
+
+
 def load_records(folder: Path) -> list[Record]:
     """Every record in `results/<study>/` (sorted by file name); DataError if there is none."""
     if not folder.is_dir():

@@ -35,7 +35,8 @@ import yaml
 from bipe.config import NAMED_ENCODINGS
 from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
-from evaluation.records import Record, format_value, read_record
+from evaluation.records import Record, all_records, format_value, serving
+from evaluation.rescore import RESCORES, planned
 from evaluation.stats import Spread
 from evaluation.tuning import choose, format_table, load_record_runs, study_grid
 from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
@@ -58,6 +59,8 @@ class Claim:
     metric: str  # a record metric, or `growth_<k>x` (perplexity at k x over that at 1x)
     where: dict[str, Any] = field(default_factory=dict)  # e.g. {"model.hidden_size": 48}
     about: str = ""  # what the metric measures, as the table says it
+    b_study: str | None = None  # B's records come from this study (None: the same study)
+    label: str = ""  # the "A vs B" column (default: `a vs b`)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,19 @@ STUDIES = {
                          ("bipe_alibi", "bipe_alibi_x1", "seg_16", "2x segments"),
                          ("bipe_alibi", "alibi_x16", "seg_16", "2x segments"))),
         pe_order=("rope", "bipe_rope", "alibi", "bipe_alibi", "alibi_x16", "bipe_alibi_x1")),
+    "text_lm_infinite": StudySpec(
+        "text_lm_infinite", "Text with LM-Infinite: test perplexity against length, the text "
+        "study's RoPE and BiPE-RoPE runs rescored", rows=("pe",), columns=_length_columns,
+        higher_is_better=False, percent=False,
+        claims=tuple(Claim(pe, pe, metric, about=about, b_study="text_sweep",
+                           label=f"{pe} + LM-Infinite vs {pe}")
+                     for pe in ("rope", "bipe_rope")
+                     for metric, about in (("eval/ppl_16x", "perplexity at 16x"),
+                                           ("growth_16x", "growth 16x / 1x"))),
+        pe_order=("rope", "bipe_rope"),
+        note="The same checkpoints as the text study's rows of these encodings, evaluated with "
+             "LM-Infinite (`python -m evaluation.rescore text_lm_infinite`); paired with their "
+             "own perplexity without it."),
     "encoding_tour": StudySpec(
         "encoding_tour", "Every named encoding: test perplexity against length (Shakespeare, "
         "trained on 256 tokens for 300 steps)", rows=("pe",), columns=_length_columns,
@@ -135,18 +151,6 @@ STUDIES = {
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-
-def all_records(results: Path, study: str) -> list[Record]:
-    """Every record of a study, the tuning grid's among them; [] when there are none yet."""
-    folder = results / study
-    return [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def serving(records: Sequence[Record], stage: str) -> list[Record]:
-    """The records that serve `stage` (`study`: the study itself; `tuning`: its learning-rate
-    grid; one run can serve both)."""
-    return [r for r in records if stage in r.data.get("stages", ["study"])]
-
 
 def study_records(results: Path, study: str, stage: str = "study") -> list[Record]:
     """The records of a study that serve `stage`; [] when there are none yet."""
@@ -176,6 +180,13 @@ def value(record: Record, metric: str) -> float:
     if growth:
         return record.metric(f"eval/ppl_{growth.group(1)}x") / record.metric("eval/ppl_1x")
     return record.metric(metric)
+
+
+def study_command(study: str) -> str:
+    """The command that makes a study's records."""
+    if study in RESCORES:
+        return f"python -m evaluation.rescore {study}"
+    return f"python train.py -m experiment={study}"
 
 
 def expected_cells(study: str, conf: Path) -> list[dict[str, str]]:
@@ -282,21 +293,25 @@ def study_table(spec: StudySpec, records: Sequence[Record]) -> tuple[str, dict[s
     return markdown(header, rows, left=len(spec.rows)), data
 
 
-def comparisons(spec: StudySpec, records: Sequence[Record]) -> tuple[str, list[dict[str, Any]]]:
-    """The paired comparisons of the study's claims: a markdown table and one dict per claim."""
+def comparisons(spec: StudySpec, records: Sequence[Record],
+                others: dict[str, Sequence[Record]] | None = None
+                ) -> tuple[str, list[dict[str, Any]]]:
+    """The paired comparisons of the study's claims: a markdown table and one dict per claim.
+    `others` holds the study records of the studies claims take B from (`Claim.b_study`)."""
     rows, out = [], []
     for c in spec.claims:
         def val(r: Record, metric: str = c.metric) -> float:
             return value(r, metric) if has(r, metric) else math.nan
+        b_records = records if c.b_study is None else (others or {}).get(c.b_study, [])
         pair = Paired.of(by_seed(records, {"pe": c.a, **c.where}, val),
-                         by_seed(records, {"pe": c.b, **c.where}, val))
+                         by_seed(b_records, {"pe": c.b, **c.where}, val))
         higher = spec.higher_is_better and not c.metric.startswith("growth_")
         result = verdict(pair.diff, higher) if pair.seeds else "no records"
         need = seeds_to_resolve(pair.diff) if result == "not shown" else None
         where = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in c.where.items())
         percent = spec.percent and not c.metric.startswith("growth_")
         note = f"; ~{need} seeds would resolve it" if need else ""
-        rows.append([f"{c.a} vs {c.b}", where or "-", c.about, str(len(pair.seeds)),
+        rows.append([c.label or f"{c.a} vs {c.b}", where or "-", c.about, str(len(pair.seeds)),
                      fmt(pair.a, percent), fmt(pair.b, percent),
                      fmt(pair.diff, percent, signed=True), result + note])
         out.append({"claim": c, "pair": pair, "verdict": result, "seeds_needed": need})
@@ -363,8 +378,8 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     if not records:
         if draw:  # a figure of records since removed would mislead
             (figures / f"{spec.name}.png").unlink(missing_ok=True)
-        return "\n".join([f"No study records in `results/{spec.name}/` yet: run `python "
-                          f"train.py -m experiment={spec.name}`.", "", *grid_lines]), {}
+        return "\n".join([f"No study records in `results/{spec.name}/` yet: run "
+                          f"`{study_command(spec.name)}`.", "", *grid_lines]), {}
     table, numbers = study_table(spec, records)
     seeds = sorted({len([r for r in records if _row_key(spec, r) == _row_key(spec, x)])
                     for x in records})
@@ -374,16 +389,26 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
               f"({count}; Student's t; a row of one seed shows its value alone). ")
     lines = [f"**{spec.title}.** {spread}{len(records)} records in `results/{spec.name}/`."
              + (f" {spec.note}" if spec.note else ""), "", table, ""]
-    missing = missing_cells(records, expected_cells(spec.name, conf))
+    rescore = RESCORES.get(spec.name)
+    if rescore is None:
+        missing = missing_cells(records, expected_cells(spec.name, conf))
+        why = ("the sweep's runs: not run, deferred or failed; "
+               f"`studies/{spec.name}/<run>/train.log` says which")
+    else:  # one run per study record of the source study, named alike
+        have = {r.path.name for r in records}
+        missing = [r.path.stem for r in planned(rescore, results) if r.path.name not in have]
+        why = (f"the {rescore.source} runs it rescores: `{study_command(spec.name)}` "
+               "rescores them or says why it cannot")
     if missing:
-        lines += [f"Not yet recorded ({len(missing)} of the sweep's runs: not run, deferred or "
-                  f"failed; `studies/{spec.name}/<run>/train.log` says which): "
+        lines += [f"Not yet recorded ({len(missing)} of {why}): "
                   + ", ".join(f"`{m}`" for m in missing), ""]
     lines += grid_lines
     compute = compute_line(everything, len(missing))
     if compute:
         lines += [compute, ""]
-    comp, verdicts = comparisons(spec, records)
+    others = {c.b_study: serving(all_records(results, c.b_study), "study")
+              for c in spec.claims if c.b_study}
+    comp, verdicts = comparisons(spec, records, others)
     if spec.claims:
         lines += ["Paired by seed (A - B per seed; the verdict rule is in the text above):", "",
                   comp, ""]
@@ -465,14 +490,15 @@ PAPER_ROWS = (
      "PG-19 ppl at 8x: 25.24 vs 28.59", "text_sweep", 0),
     ("Text past the training length: BiPE-RoPE beats RoPE (level)",
      "PG-19 ppl at 4x: 19.67 vs 158", "text_sweep", 2),
+    ("LM-Infinite keeps RoPE fluent past the training length (ppl at 16x, with vs without)",
+     "fluent to 32k+ (LM-Infinite paper)", "text_lm_infinite", 0),
+    ("LM-Infinite keeps BiPE-RoPE fluent past the training length (ppl at 16x, with vs "
+     "without)", "fluent to 32k+ (LM-Infinite paper)", "text_lm_infinite", 2),
 )
 NOT_STUDIED = (
     ("YaRN fine-tuning: BiPE-RoPE + YaRN stays flat where RoPE + YaRN degrades",
      "flat to 20k vs degrading at 11k-16k",
      "not run as a study: one fine-tuning run per model (README, YaRN)"),
-    ("LM-Infinite keeps RoPE and BiPE-RoPE fluent past the training length",
-     "fluent to 32k+ (LM-Infinite paper)",
-     "not run as a study: one seed per model (README, Length extrapolation in two commands)"),
     ("SCROLLS: BiPE-RoPE beats RoPE after fine-tuning", "average 22.36 vs 18.38",
      "not runnable offline: needs the SCROLLS data from the Hugging Face hub"),
 )

@@ -12,7 +12,7 @@ import pytest
 
 from bipe.errors import DataError
 from evaluation import report
-from evaluation.records import Record, read_record, record_name, write_record
+from evaluation.records import Record, all_records, read_record, record_name, write_record
 from evaluation.stats import Spread
 from evaluation.tuning import study_grid
 from evaluation.verdicts import NOT_SHOWN, REPRODUCED, REVERSED, seeds_to_resolve, verdict
@@ -171,19 +171,19 @@ def test_each_study_says_what_its_records_took(tmp_path):
                    stages=("tuning", "study") if seed == 0 else ("study",))
         data = read_record(path).data
         write_record(path, {**data, "wall_seconds": minutes * 60.0, "machine": xeon})
-    assert report.compute_line(report.all_records(tmp_path, "text_sweep")) == (
+    assert report.compute_line(all_records(tmp_path, "text_sweep")) == (
         "**Compute.** 3 runs (1 of them tuning), 1.0 core-hours, 10 to 30 min per run (1 thread "
         "each), on Xeon.")
     data = read_record(path).data  # seed 2, resumed on a 2-thread GPU machine
     write_record(path, {**data, "resumed_from_step": 400,
                         "machine": {"cpu": "EPYC", "gpu": "H100", "torch_threads": 2}})
-    line = report.compute_line(report.all_records(tmp_path, "text_sweep"))
+    line = report.compute_line(all_records(tmp_path, "text_sweep"))
     assert line is not None and "1.5 core-hours at least" in line  # 10 + 20 + 2 x 30 minutes
     assert "1 to 2 threads" in line and "H100 (1), Xeon (2)" in line
     assert "1 resumed from a checkpoint recorded only the last part" in line
-    assert report.compute_line(report.all_records(tmp_path, "text_sweep"), missing=4).endswith(
+    assert report.compute_line(all_records(tmp_path, "text_sweep"), missing=4).endswith(
         "The 4 runs not yet recorded need about 1.3 core-hours more at the median run so far.")
-    assert report.compute_line(report.all_records(tmp_path, "bi_nfa_sweep")) is None
+    assert report.compute_line(all_records(tmp_path, "bi_nfa_sweep")) is None
     block, _ = report.study_block(report.STUDIES["text_sweep"], tmp_path, CONF,
                                   tmp_path / "figures", tmp_path, draw=False)
     assert line in block
@@ -231,3 +231,26 @@ def test_a_rate_at_the_edge_of_its_grid_is_named_beside_the_verdict(tmp_path):
     row = next(line for line in report.paper_block(done).splitlines()
                if "Text past the training length: BiPE-RoPE" in line)
     assert "edge" not in row
+
+
+def test_a_rescoring_study_is_paired_with_the_runs_it_rescored(tmp_path):
+    # LM-Infinite on the text study's rope runs: flat at 16x where the plain runs grow.
+    for seed, noise in enumerate([0.0, 2.0, -1.5]):
+        cell = {"pe": "rope", "optim.lr": 0.003}
+        put(tmp_path, "text_sweep", cell, seed,
+            {"eval/ppl_1x": 100.0 + noise, "eval/ppl_16x": 250.0 + 3 * noise})
+        if seed < 2:  # seed 2 not rescored yet
+            put(tmp_path, "text_lm_infinite", cell, seed,
+                {"eval/ppl_1x": 100.0 + noise, "eval/ppl_16x": 101.0 + noise})
+    block, info = report.study_block(report.STUDIES["text_lm_infinite"], tmp_path, CONF,
+                                     tmp_path / "figures", tmp_path, draw=False)
+    level = next(v for v in info["verdicts"]
+                 if v["claim"].a == "rope" and v["claim"].metric == "eval/ppl_16x")
+    assert level["pair"].seeds == (0, 1) and level["verdict"] == REPRODUCED
+    assert level["pair"].diff.mean == pytest.approx(((101 - 250) + (103 - 256)) / 2)
+    assert re.search(r"\| rope \+ LM-Infinite vs rope +\| .* \| +reproduced \|", block)
+    assert "`pe=rope,lr=0.003,seed=2`" in block  # the source run still to rescore
+    assert "python -m evaluation.rescore text_lm_infinite" in block
+    paper = report.paper_block({"text_lm_infinite": info})
+    assert re.search(r"LM-Infinite keeps RoPE fluent .*\| reproduced", paper)
+    assert re.search(r"LM-Infinite keeps BiPE-RoPE fluent .*\| not run", paper)  # no records

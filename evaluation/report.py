@@ -134,7 +134,9 @@ STUDIES = {
                            label=f"{pe} + LM-Infinite vs {pe}")
                      for pe in ("rope", "bipe_rope")
                      for metric, about in (("eval/ppl_16x", "perplexity at 16x"),
-                                           ("growth_16x", "growth 16x / 1x"))),
+                                           ("growth_16x", "growth 16x / 1x")))
+        + (Claim("bipe_rope", "rope", "eval/ppl_16x", about="perplexity at 16x",
+                 label="bipe_rope vs rope, both + LM-Infinite"),),
         pe_order=("rope", "bipe_rope"),
         note="The same checkpoints as the text study's rows of these encodings, evaluated with "
              "LM-Infinite (`python -m evaluation.rescore text_lm_infinite`); paired with their "

@@ -34,6 +34,8 @@ from bipe.errors import DataError
 from bipe.io import atomic_write_text
 
 RECORD_VERSION = 1
+# Report-row fields a record leaves out: timings (in wall_seconds) and what the cell already says.
+NOT_RECORDED = {"seconds", "peak_mib", "model", "group", "pe", "seed"}
 
 # Keys (or prefixes, ending in ".") that do not change what a run computes: where it writes, how
 # it is watched, how the study is driven. Everything else defines the run.

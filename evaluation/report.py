@@ -141,6 +141,16 @@ STUDIES = {
         note="The same checkpoints as the text study's rows of these encodings, evaluated with "
              "LM-Infinite (`python -m evaluation.rescore text_lm_infinite`); paired with their "
              "own perplexity without it."),
+    "text_yarn": StudySpec(
+        "text_yarn", "Text after YaRN fine-tuning: test perplexity against length (x the "
+        "fine-tuning length, 1024 tokens)", rows=("pe",), columns=_length_columns,
+        higher_is_better=False, percent=False,
+        claims=(Claim("bipe_rope", "rope", "eval/ppl_4x", about="perplexity at 4x"),
+                Claim("bipe_rope", "rope", "growth_4x", about="growth 4x / 1x")),
+        pe_order=("rope", "bipe_rope"),
+        note="Each of the text study's RoPE and BiPE-RoPE runs fine-tuned with YaRN (factor 4) "
+             "from its checkpoint (`python -m evaluation.rescore text_yarn`); the lr column is "
+             "the source run's."),
     "encoding_tour": StudySpec(
         "encoding_tour", "Every named encoding: test perplexity against length (Shakespeare, "
         "trained on 256 tokens for 300 steps)", rows=("pe",), columns=_length_columns,
@@ -451,12 +461,21 @@ def draw_figure(spec: StudySpec, records: Sequence[Record], numbers: dict[str, A
                         (int(hidden), _spread(v)))
         plot_accuracy_vs_hidden(panels, path, title=spec.title, metadata=tag)
     else:
-        block = int(records[0].data.get("definition", {}).get("data.block_size", 0)) or None
+        block = training_length(records[0])
         curves = {label.split(",")[0]: [(int(float(h.removesuffix("x")) * (block or 1)),
                                          _spread(v)) for h, v in cols.items() if v is not None]
                   for label, cols in numbers.items()}
         plot_ppl_vs_length(curves, block, path, title=spec.title, metadata=tag)
     return path
+
+
+def training_length(record: Record) -> int | None:
+    """The length a record's 1x stands for: from its report rows (length over multiple), else
+    its definition's block size; None when neither says."""
+    for row in record.data.get("results", []):
+        if row.get("length") and row.get("multiple"):
+            return round(row["length"] / row["multiple"])
+    return int(record.data.get("definition", {}).get("data.block_size", 0)) or None
 
 
 def _spread(v: Sequence[float]) -> Spread:
@@ -492,15 +511,14 @@ PAPER_ROWS = (
      "PG-19 ppl at 8x: 25.24 vs 28.59", "text_sweep", 0),
     ("Text past the training length: BiPE-RoPE beats RoPE (level)",
      "PG-19 ppl at 4x: 19.67 vs 158", "text_sweep", 2),
+    ("YaRN fine-tuning: BiPE-RoPE + YaRN beats RoPE + YaRN past the fine-tuning length "
+     "(level)", "flat to 20k vs degrading at 11k-16k", "text_yarn", 0),
     ("LM-Infinite keeps RoPE fluent past the training length (ppl at 16x, with vs without)",
      "fluent to 32k+ (LM-Infinite paper)", "text_lm_infinite", 0),
     ("LM-Infinite keeps BiPE-RoPE fluent past the training length (ppl at 16x, with vs "
      "without)", "fluent to 32k+ (LM-Infinite paper)", "text_lm_infinite", 2),
 )
 NOT_STUDIED = (
-    ("YaRN fine-tuning: BiPE-RoPE + YaRN stays flat where RoPE + YaRN degrades",
-     "flat to 20k vs degrading at 11k-16k",
-     "not run as a study: one fine-tuning run per model (README, YaRN)"),
     ("SCROLLS: BiPE-RoPE beats RoPE after fine-tuning", "average 22.36 vs 18.38",
      "not runnable offline: needs the SCROLLS data from the Hugging Face hub"),
 )

@@ -21,8 +21,11 @@ made on another machine) is named and left out, and the command then exits 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ from typing import Any
 
 from bipe.errors import BipeError, DataError
 from evaluation.records import (
+    NOT_RECORDED,
     RECORD_VERSION,
     Record,
     all_records,
@@ -53,13 +57,17 @@ REPRODUCE_RTOL = 1e-4  # the plain 1x perplexity must match the source record th
 
 @dataclass(frozen=True)
 class Rescore:
-    """A rescoring study: `source`'s runs of the encodings `pe`, evaluated with `overrides`."""
+    """A rescoring study: `source`'s runs of the encodings `pe`, evaluated with `overrides`, or
+    fine-tuned first with `finetune`."""
 
     name: str
     source: str
     pe: tuple[str, ...]
-    overrides: tuple[str, ...]  # eval.py overrides (conf/eval.yaml keys) that set the option
     about: str  # what the option is, for messages and the README
+    overrides: tuple[str, ...] = ()  # eval.py overrides (conf/eval.yaml keys) that set the option
+    # train.py overrides of a fine-tuning stage from the run's checkpoint (`init_from`); its
+    # end-of-run report, on the source run's split, is then the measurement
+    finetune: tuple[str, ...] = ()
 
 
 RESCORES = {
@@ -68,6 +76,11 @@ RESCORES = {
         overrides=("eval.lm_infinite.enabled=true",),
         about="LM-Infinite (Λ-shaped attention, 100 global and 256 local tokens, distance cap "
               "at the training range) on the text study's RoPE and BiPE-RoPE runs"),
+    "text_yarn": Rescore(
+        "text_yarn", source="text_sweep", pe=("rope", "bipe_rope"),
+        finetune=("experiment=yarn_finetune",),
+        about="YaRN fine-tuning (factor 4, 200 steps on 1024-token blocks) of the text study's "
+              "RoPE and BiPE-RoPE runs"),
 }
 
 
@@ -138,6 +151,35 @@ def measure(cfg: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def finetune_command(spec: Rescore, source: Record, ckpt: Path, out: Path, cache_dir: Path
+                     ) -> list[str]:
+    """The `train.py` command of a fine-tuning stage from one source run, into `out`."""
+    split = (source.data.get("definition") or {}).get("eval.split", "test")
+    return [sys.executable, str(ROOT / "train.py"), *spec.finetune, f"init_from='{ckpt}'",
+            f"seed={source.seed}", f"eval.split={split}", f"hydra.run.dir='{out}'",
+            f"paths.cache_dir='{cache_dir}'", "logger=csv", "extras.print_config=false"]
+
+
+def finetune(spec: Rescore, source: Record, ckpt: Path, studies: Path, cache_dir: Path
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """Fine-tune a source run (`train.py`, in `studies/<name>/<run>/`); its final metrics, the
+    end-of-run report's rows and its step. A stage stopped part-way starts again (minutes)."""
+    out = studies / spec.name / source.path.stem
+    shutil.rmtree(out, ignore_errors=True)
+    log.info("%s/%s: fine-tuning in %s", spec.name, source.path.stem, out)
+    done = subprocess.run(finetune_command(spec, source, ckpt, out, cache_dir), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0 or not (out / "metrics.json").is_file():
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise DataError(f"fine-tuning {source.path.stem} failed (exit {done.returncode}: "
+                        f"{last}); its log is {out / 'train.log'}")
+    final = json.loads((out / "metrics.json").read_text())
+    rows = json.loads((out / "length_eval.json").read_text()).get("results", [])
+    rows = [{k: v for k, v in r.items() if k not in NOT_RECORDED} for r in rows]
+    return ({k: v for k, v in final["metrics"].items() if v is not None}, rows,
+            int(final["global_step"]))
+
+
 def rescore_run(spec: Rescore, source: Record, results: Path, studies: Path,
                 cache_dir: Path) -> Path | None:
     """Rescore one source run; its record's path, or None when it was already recorded."""
@@ -145,7 +187,12 @@ def rescore_run(spec: Rescore, source: Record, results: Path, studies: Path,
     ckpt = checkpoint_of(source, studies)
     target = results / spec.name / source.path.name
     cfg = eval_config(spec, source, ckpt, cache_dir, options=True)
-    defn = eval_definition(cfg, source)
+    if spec.finetune:  # the source run and the command; the code is recorded, not defining
+        defn = {"source": source.data["fingerprint"],
+                "finetune": [*spec.finetune, f"seed={source.seed}",
+                             f"eval.split={cfg.eval.split}"]}
+    else:
+        defn = eval_definition(cfg, source)
     if target.is_file() and read_record(target).data.get("fingerprint") == fingerprint(defn):
         log.info("%s/%s: recorded in %s; skipped", spec.name, target.stem, target)
         return None
@@ -160,11 +207,15 @@ def rescore_run(spec: Rescore, source: Record, results: Path, studies: Path,
                         f"{source.path} recorded {recorded:.4f}: it is not the run the record "
                         "describes, or the code changed what a run computes; rerun the source "
                         "run")
-    rows = measure(cfg)
-    lengths = list(cfg.eval.lengths)
-    metrics = {f"eval/ppl_{m:g}x": r["ppl"] for m, r in zip(lengths, rows, strict=True)}
+    if spec.finetune:
+        metrics, rows, steps = finetune(spec, source, ckpt, studies, cache_dir)
+    else:
+        kept = ("length", "multiple", "tokens", "nll", "ppl", "lm_infinite")
+        rows = [{k: r.get(k) for k in kept} for r in measure(cfg)]
+        metrics = {f"eval/ppl_{m:g}x": r["ppl"]
+                   for m, r in zip(cfg.eval.lengths, rows, strict=True)}
+        steps = source.data.get("steps")
     commit, dirty = git_commit(ROOT)
-    kept = ("length", "multiple", "tokens", "nll", "ppl", "lm_infinite")
     data = {
         "version": RECORD_VERSION, "study": spec.name, "cell": source.cell,
         "seed": source.seed, "stages": ["study"], "fingerprint": fingerprint(defn),
@@ -173,8 +224,7 @@ def rescore_run(spec: Rescore, source: Record, results: Path, studies: Path,
                    "fingerprint": source.data["fingerprint"], "ppl_1x": recorded,
                    "ppl_1x_measured": plain[0]["ppl"]},
         "commit": commit, "dirty": dirty, "metrics": metrics,
-        "results": [{k: r.get(k) for k in kept} for r in rows],
-        "steps": source.data.get("steps"), "wall_seconds": round(time.time() - started, 1),
+        "results": rows, "steps": steps, "wall_seconds": round(time.time() - started, 1),
         "resumed_from_step": None, "machine": machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "definition": defn,
     }

@@ -103,3 +103,26 @@ def test_a_source_that_scored_a_subset_of_blocks_is_refused(tmp_path, capsys):
         "definition": {"eval.lengths": [1, 2], "eval.split": "test", "eval.max_blocks": 4}})
     assert call(tmp_path, str(tmp_path / "cache")) == 2
     assert "needs source runs made with eval.max_blocks=null" in capsys.readouterr().err
+
+
+def test_a_finetuning_stage_trains_from_each_run_and_records_its_report(study, corpus,
+                                                                         cache_dir):
+    from models.checkpoint import load_checkpoint
+
+    yarn = ("experiment=smoke", "data=text_files", f"data.glob={corpus}",
+            "finetune.model_from_checkpoint=true", "finetune.block_size_factor=2",
+            "pe.relative.scaling={type: yarn, factor: 2, original_max_position: null}",
+            "optim.lr=2e-5", "eval.lengths=[1,2]", "eval.max_blocks=null")
+    spec = rescore.Rescore("tiny_yarn", source="tiny", pe=("rope",), about="YaRN",
+                           finetune=yarn)
+    assert call(study, cache_dir, spec) == 0
+    record = read_record(study / "results" / "tiny_yarn" / f"{RUN}.json")
+    assert record.data["definition"]["finetune"][:len(yarn)] == list(yarn)
+    assert set(record.metrics) >= {"eval/ppl_1x", "eval/ppl_2x", "val/loss"}
+    assert record.data["steps"] == 6
+    assert [row["length"] for row in record.data["results"]] == [64, 128]  # 2 x 32-token blocks
+    # The stage started from the source run's weights and carries the YaRN scaling it trained.
+    meta = load_checkpoint(study / "studies" / "tiny_yarn" / RUN / "checkpoints" / "last.ckpt"
+                           )["bipe"]
+    assert meta["run_config"]["init_from"].endswith(f"{RUN}/checkpoints/last.ckpt")
+    assert meta["model_config"]["pe"]["relative"]["scaling"]["type"] == "yarn"

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from bipe.config import build
 from bipe.errors import BipeError, ConfigError, DataError
 from evaluation.records import (
+    NOT_RECORDED,
     RECORD_VERSION,
     cell_values,
     definition,
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 INVOCATION_ENV = "BIPE_INVOCATION"
 STAGES = ("study", "tuning")
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the commit recorded is that of the code run
-# Report-row fields a record leaves out: timings (in wall_seconds) and what the cell already says.
-NOT_RECORDED = {"seconds", "peak_mib", "model", "group", "pe", "seed"}
 
 
 @dataclass

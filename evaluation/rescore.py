@@ -1,21 +1,28 @@
 """Rescoring studies: the finished runs of a study, evaluated again with an inference-time option
-(LM-Infinite, YaRN scaling without fine-tuning) and recorded like study runs, so that an option's
-effect gets seeds, paired comparisons and verdicts without training anything again.
+(LM-Infinite) or after a short fine-tuning stage from their checkpoints (YaRN), and recorded like
+study runs, so that the option's effect gets seeds, paired comparisons and verdicts without
+pretraining anything again.
 
     python -m evaluation.rescore text_lm_infinite               # every run not yet recorded
-    python -m evaluation.rescore text_lm_infinite --max-runs 2  # a slice; run again to go on
+    python -m evaluation.rescore text_yarn --max-runs 2         # a slice; run again to go on
 
-A rescoring study (`RESCORES`) names its source study, the encodings it takes from it and the
-`eval.py` overrides (`conf/eval.yaml`) that switch the option on. For every record of the source
-study (`results/<source>/<run>.json`, study runs only) with one of those encodings it loads the
-run's final checkpoint (`studies/<source>/<run>/checkpoints/last.ckpt`), measures perplexity at
-the source run's lengths on the source run's split with the option on, and writes
-`results/<name>/<run>.json`: the same cell and seed, the source record's fingerprint and the
-evaluation settings as its definition. Before that it measures the checkpoint once without the
-option at the training length and refuses a checkpoint that does not give the source record's
-perplexity (another run's weights, or code that changed what a run computes). A run whose record
-exists with the same definition is skipped; a run without its checkpoint (the source run was
-made on another machine) is named and left out, and the command then exits 2.
+A rescoring study (`RESCORES`) names its source study, the encodings it takes from it, and
+either the `eval.py` overrides (`conf/eval.yaml`) that switch the option on or the `train.py`
+overrides of the fine-tuning stage. For every record of the source study
+(`results/<source>/<run>.json`, study runs only) with one of those encodings it takes the run's
+final checkpoint (`studies/<source>/<run>/checkpoints/last.ckpt`) and
+* with eval overrides, measures perplexity at the source run's lengths on its split with the
+  option on;
+* with a fine-tuning stage, runs `train.py <overrides> init_from=<checkpoint> seed=<the run's>`
+  into `studies/<name>/<run>/` and takes its end-of-run report, on the source run's split;
+
+then writes `results/<name>/<run>.json`: the same cell and seed, with the source record's
+fingerprint and the evaluation settings (or the fine-tuning command) as its definition. Before
+that it measures the checkpoint once as it is, at the training length, and refuses one that
+does not give the source record's perplexity (another run's weights, or code that changed what
+a run computes). A run whose record exists with the same definition is skipped; a run without
+its checkpoint (the source run was made on another machine) is named and left out, and the
+command then exits 2.
 """
 
 from __future__ import annotations

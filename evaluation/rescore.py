@@ -249,6 +249,7 @@ def run(spec: Rescore, results: Path, studies: Path, cache_dir: Path,
         raise DataError(f"results/{spec.source}/ has no study records of "
                         f"{', '.join(spec.pe)}: run that study first (python train.py -m "
                         f"experiment={spec.source})")
+    log.info("%s: %s; %d runs of %s", spec.name, spec.about, len(sources), spec.source)
     done = failed = 0
     for source in sources:
         if max_runs is not None and done >= max_runs:
@@ -268,7 +269,8 @@ def run(spec: Rescore, results: Path, studies: Path, cache_dir: Path,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.rescore",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help="the rescoring study: " + ", ".join(RESCORES))
+    parser.add_argument("name", help="the rescoring study: " + "; ".join(
+        f"{name} ({spec.about})" for name, spec in RESCORES.items()))
     parser.add_argument("--max-runs", type=int, default=None,
                         help="rescore at most this many runs now (the rest on the next call)")
     parser.add_argument("--results", type=Path, default=ROOT / "results")

@@ -38,7 +38,7 @@ from bipe.io import atomic_write_text
 from evaluation.records import Record, all_records, format_value, serving
 from evaluation.rescore import RESCORES, planned
 from evaluation.stats import Spread
-from evaluation.tuning import choose, format_table, load_record_runs, study_grid
+from evaluation.tuning import choose, format_table, record_runs, study_grid
 from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,17 +164,14 @@ STUDIES = {
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def study_records(results: Path, study: str, stage: str = "study") -> list[Record]:
-    """The records of a study that serve `stage`; [] when there are none yet."""
-    return serving(all_records(results, study), stage)
-
-
-def tuning_table(results: Path, study: str) -> tuple[str, set[str]] | None:
-    """The study's learning-rate grid from its tuning records (`evaluation.tuning`) and the
-    encodings whose chosen rate is at the grid's edge, or None without tuning records."""
-    if not study_records(results, study, "tuning"):
+def tuning_table(records: Sequence[Record], study: str) -> tuple[str, set[str]] | None:
+    """The study's learning-rate grid from its tuning records among `records`
+    (`evaluation.tuning`) and the encodings whose chosen rate is at the grid's edge, or None
+    without tuning records."""
+    tuning = serving(records, "tuning")
+    if not tuning:
         return None
-    metric, runs = load_record_runs(results / study)
+    metric, runs = record_runs(tuning)
     chosen = choose(metric, runs, study_grid(study))
     return format_table(metric, chosen), {str(r.cell.get("pe")) for r in chosen if r.at_edge}
 
@@ -381,7 +378,7 @@ def study_block(spec: StudySpec, results: Path, conf: Path, figures: Path, base:
     to `base`, the README's folder); the figure is drawn when `draw`."""
     everything = all_records(results, spec.name)
     records = serving(everything, "study")
-    tuning = tuning_table(results, spec.name)
+    tuning = tuning_table(everything, spec.name)
     grid, at_edge = tuning if tuning is not None else (None, set())
     grid_lines = [] if grid is None else [
         "Learning rates: the tuning grid's validation metric at each rate (seed 0; the study "

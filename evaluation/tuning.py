@@ -36,7 +36,7 @@ import yaml
 
 from bipe.errors import BipeError, DataError
 from bipe.io import atomic_write_text
-from evaluation.records import format_value, load_records
+from evaluation.records import Record, format_value, load_records, serving
 from evaluation.stats import Spread
 from evaluation.sweeps import (
     Cell,
@@ -115,10 +115,16 @@ def study_metric(study: str) -> str:
 def load_record_runs(folder: Path, metric: str | None = None
                      ) -> tuple[str, list[dict[str, Any]]]:
     """`(metric, runs)` from the tuning records of a study (`stages` holds `tuning`)."""
-    records = [r for r in load_records(folder) if "tuning" in r.data.get("stages", [])]
+    records = serving(load_records(folder), "tuning")
     if not records:
         raise DataError(f"no tuning records in {folder}: run the study's tuning grid first "
                         f"(python train.py -m experiment={folder.name} hparams_search=...)")
+    return record_runs(records, metric)
+
+
+def record_runs(records: Sequence[Record], metric: str | None = None
+                ) -> tuple[str, list[dict[str, Any]]]:
+    """`(metric, runs)` from tuning records already read (at least one)."""
     metric = metric or study_metric(records[0].study)
     runs = []
     for r in records:

@@ -201,7 +201,7 @@ def test_a_tuning_record_without_the_metric_is_named_as_the_record(tmp_path):
                {"eval/ppl_1x": 100.0}, stages=("tuning",))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))} has no val/loss; it has "
                                         "eval/ppl_1x$"):
-        report.tuning_table(tmp_path, "text_sweep")
+        report.tuning_table(all_records(tmp_path, "text_sweep"), "text_sweep")
 
 
 def test_an_interval_below_the_shown_precision_gets_two_significant_digits():

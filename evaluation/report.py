@@ -353,10 +353,12 @@ def compute_line(records: Sequence[Record], missing: int = 0) -> str | None:
     thread_text = (f"{threads[0]} thread{'s' if threads[0] > 1 else ''} each"
                    if len(set(threads)) == 1 else f"{min(threads)} to {max(threads)} threads")
     lower_bound = " at least" if resumed or untimed else ""
+    fast, slow = f"{minutes[0]:.0f}", f"{minutes[-1]:.0f}"
+    span = fast if fast == slow else f"{fast} to {slow}"
     parts = [f"**Compute.** {len(records)} runs" + (f" ({tuning} of them tuning)" if tuning
                                                      else ""),
              f"{sum(core_seconds) / 3600:.1f} core-hours{lower_bound}",
-             f"{minutes[0]:.0f} to {minutes[-1]:.0f} min per run ({thread_text})",
+             f"{span} min per run ({thread_text})",
              "on " + ", ".join(f"{name} ({n})" if len(machines) > 1 else name
                                for name, n in sorted(machines.items()))]
     notes = []

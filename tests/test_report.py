@@ -184,6 +184,9 @@ def test_each_study_says_what_its_records_took(tmp_path):
     assert report.compute_line(all_records(tmp_path, "text_sweep"), missing=4).endswith(
         "The 4 runs not yet recorded need about 1.3 core-hours more at the median run so far.")
     assert report.compute_line(all_records(tmp_path, "bi_nfa_sweep")) is None
+    seed_1 = [r for r in all_records(tmp_path, "text_sweep") if r.seed == 1]
+    assert report.compute_line(seed_1 * 2) == (  # one length of run is not a range
+        "**Compute.** 2 runs, 0.7 core-hours, 20 min per run (1 thread each), on Xeon.")
     block, _ = report.study_block(report.STUDIES["text_sweep"], tmp_path, CONF,
                                   tmp_path / "figures", tmp_path, draw=False)
     assert line in block

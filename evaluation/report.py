@@ -39,7 +39,13 @@ from evaluation.records import Record, all_records, format_value, serving
 from evaluation.rescore import RESCORES, planned
 from evaluation.stats import Spread
 from evaluation.tuning import choose, format_table, record_runs, study_grid
-from evaluation.verdicts import Paired, by_seed, seeds_to_resolve, verdict
+from evaluation.verdicts import (
+    Paired,
+    by_seed,
+    seeds_to_resolve,
+    seeds_to_resolve_text,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
@@ -317,13 +323,15 @@ def comparisons(spec: StudySpec, records: Sequence[Record],
         higher = spec.higher_is_better and not c.metric.startswith("growth_")
         result = verdict(pair.diff, higher) if pair.seeds else "no records"
         need = seeds_to_resolve(pair.diff) if result == "not shown" else None
+        need_text = seeds_to_resolve_text(pair.diff) if result == "not shown" else None
         where = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in c.where.items())
         percent = spec.percent and not c.metric.startswith("growth_")
-        note = f"; ~{need} seeds would resolve it" if need else ""
+        note = f"; {need_text} would resolve it" if need_text else ""
         rows.append([c.label or f"{c.a} vs {c.b}", where or "-", c.about, str(len(pair.seeds)),
                      fmt(pair.a, percent), fmt(pair.b, percent),
                      fmt(pair.diff, percent, signed=True), result + note])
-        out.append({"claim": c, "pair": pair, "verdict": result, "seeds_needed": need})
+        out.append({"claim": c, "pair": pair, "verdict": result, "seeds_needed": need,
+                    "seeds_needed_text": need_text})
     header = ["A vs B", "where", "measure", "seeds", "A", "B", "A - B (paired)", "verdict"]
     return markdown(header, rows, left=3), out
 
@@ -539,9 +547,9 @@ def paper_block(done: dict[str, dict[str, Any]]) -> str:
                 f"{fmt(pair.diff, percent, signed=True)} ({len(pair.seeds)} seeds)")
         evidence = ""
         if v["verdict"] != "reproduced":
-            need = v["seeds_needed"]
-            evidence = (f"the interval contains zero; ~{need} seeds would resolve a difference "
-                        "of this size" if need else "see the study's table")
+            need = v["seeds_needed_text"]
+            evidence = (f"the interval contains zero; {need} would resolve a difference of this "
+                        "size" if need else "see the study's table")
             growth = next((g for g in info if g["claim"].a == c.a and g["claim"].b == c.b
                            and g["claim"].metric.startswith("growth_")), None)
             if growth is not None and growth["pair"].diff is not None:

@@ -91,3 +91,15 @@ def seeds_to_resolve(diff: Spread | None, limit: int = 1000) -> int | None:
         if t_quantile_975(n - 1) * diff.std / math.sqrt(n) < abs(diff.mean):
             return n
     return None
+
+
+def seeds_to_resolve_text(diff: Spread | None, limit: int = 1000) -> str | None:
+    """`seeds_to_resolve` in words for a table: "~7 seeds", or "over 1,000 seeds" for a difference
+    so small against its spread that no count up to `limit` resolves it; None when it cannot be
+    said (fewer than two seeds, no difference, or no spread)."""
+    need = seeds_to_resolve(diff, limit)
+    if need is not None:
+        return f"~{need} seeds"
+    if diff is None or diff.n < 2 or diff.mean == 0 or not diff.std > 0:
+        return None
+    return f"over {limit:,} seeds"

@@ -15,7 +15,14 @@ from evaluation import report
 from evaluation.records import Record, all_records, read_record, record_name, write_record
 from evaluation.stats import Spread
 from evaluation.tuning import study_grid
-from evaluation.verdicts import NOT_SHOWN, REPRODUCED, REVERSED, seeds_to_resolve, verdict
+from evaluation.verdicts import (
+    NOT_SHOWN,
+    REPRODUCED,
+    REVERSED,
+    seeds_to_resolve,
+    seeds_to_resolve_text,
+    verdict,
+)
 from tests.conftest import ROOT
 
 CONF = ROOT / "conf"
@@ -61,6 +68,11 @@ def test_the_verdict_rule_on_spreads_with_known_answers():
     # mean 1, std 1: t(0.975, n-1) / sqrt(n) < 1 first at n = 7 (2.447 / 2.646 = 0.92)
     assert seeds_to_resolve(Spread.of([0.0, 1.0, 2.0])) == 7
     assert seeds_to_resolve(Spread.of([0.0, 0.0, 0.0])) is None  # no difference to resolve
+    assert seeds_to_resolve_text(Spread.of([0.0, 1.0, 2.0])) == "~7 seeds"
+    tiny = Spread.of([-30.0, 30.5, 0.0])  # mean +0.17, std 30: beyond any count worth running
+    assert seeds_to_resolve(tiny) is None and seeds_to_resolve_text(tiny) == "over 1,000 seeds"
+    assert seeds_to_resolve_text(Spread.of([0.0, 0.0, 0.0])) is None
+    assert seeds_to_resolve_text(Spread.of([0.3])) is None  # one seed: no spread to go by
 
 
 def test_paired_verdicts_on_constructed_records(tmp_path):
